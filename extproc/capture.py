@@ -1,0 +1,117 @@
+"""The capture filter (observability mode): decode the reply as it streams past, never answer.
+
+Envoy sends response headers, then body chunks, and does not wait for us. When the protocol's
+terminal event arrives the completed turn is handed to the store's writer; the handler itself
+only decodes and enqueues. Anything short of a complete 2xx reply records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from extproc import mutations
+from extproc.decoding import BodyDecoder, DecodingError, UnsupportedEncoding, make_decoder
+from extproc.metrics import Metrics
+from extproc.protocols.openai_chat import (
+    CapturedReply,
+    ChatStreamAccumulator,
+    parse_chat_json,
+)
+from extproc.sse import SSEDecoder, SSEError
+from store import PendingTurn, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+class CaptureStream:
+    """One reply. `on_*` return False once nothing more is needed (the handler then returns)."""
+
+    def __init__(self, store: SessionStore, metrics: Metrics, max_json_bytes: int) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.max_json_bytes = max_json_bytes
+        self.pending: PendingTurn | None = None
+        self.decoder: BodyDecoder | None = None
+        self.sse: SSEDecoder | None = None
+        self.accumulator: ChatStreamAccumulator | None = None
+        self.json_body = bytearray()
+        self.finished = False
+
+    def on_response_headers(self, request: Any) -> bool:
+        turn_id = mutations.turn_id_of(request)
+        if turn_id is None:
+            return False  # not a request we rewrote: close the stream at once
+        self.pending = self.store.pending(turn_id)
+        if self.pending is None:
+            self.metrics.inc("capture.unknown_turn")
+            self.finished = True
+            return False
+        headers = mutations.headers_dict(request.response_headers)
+        status = headers.get(":status", "")
+        if not status.startswith("2"):
+            return self._abandon(f"status.{status or 'missing'}")
+        try:
+            self.decoder = make_decoder(headers.get("content-encoding"))
+        except UnsupportedEncoding:
+            return self._abandon("unsupported_encoding")
+        if headers.get("content-type", "").lower().startswith("text/event-stream"):
+            self.sse = SSEDecoder()
+            self.accumulator = ChatStreamAccumulator()
+        if request.response_headers.end_of_stream:
+            return self._finish()
+        return True
+
+    def on_response_body(self, request: Any) -> bool:
+        if self.finished or self.decoder is None:
+            return False
+        body = request.response_body
+        try:
+            data = self.decoder.decompress(body.body)
+            if body.end_of_stream:
+                data += self.decoder.flush()
+            if self.sse is not None and self.accumulator is not None:
+                for event in self.sse.feed(data):
+                    self.accumulator.feed_event(event.data)
+                    if self.accumulator.done:
+                        return self._finish()
+            else:
+                self.json_body += data
+                if len(self.json_body) > self.max_json_bytes:
+                    return self._abandon("reply_too_large")
+        except (DecodingError, SSEError) as exc:
+            log.info("capture: undecodable reply: %s", exc)
+            return self._abandon("undecodable")
+        if body.end_of_stream:
+            return self._finish()
+        return True
+
+    def on_stream_end(self) -> None:
+        """Envoy closed the stream (reply aborted, client gone): record nothing."""
+        if self.pending is not None and not self.finished:
+            self._abandon("aborted")
+
+    def _finish(self) -> bool:
+        assert self.pending is not None
+        estimate = self.pending.prompt_tokens_estimate
+        if self.accumulator is not None:
+            reply: CapturedReply = self.accumulator.result(estimate)
+        else:
+            reply = parse_chat_json(bytes(self.json_body), estimate)
+        if not reply.complete or reply.error:
+            return self._abandon("incomplete" if not reply.error else "provider_error")
+        self.finished = True
+        if self.store.complete_turn(
+            self.pending.turn_id, reply.message, reply.finish_reason, reply.usage
+        ):
+            self.metrics.inc("capture.completed")
+        else:
+            self.metrics.inc("capture.dropped")
+        return False
+
+    def _abandon(self, reason: str) -> bool:
+        assert self.pending is not None
+        self.finished = True
+        self.store.abandon_turn(self.pending.turn_id)
+        self.metrics.inc(f"capture.abandoned.{reason}")
+        return False

@@ -1,0 +1,146 @@
+"""The `sessiongate` command: up, serve, mock-llm, config check, envoy-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from extproc.config import ConfigError, Settings, load_settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> None:
+    """Flags that map 1:1 onto settings; defaults are None so unset flags don't override."""
+    add = parser.add_argument
+    add("--config", type=Path, help="TOML config file (also SESSIONGATE_CONFIG)")
+    if for_up:
+        add("--upstream", help="provider URL, e.g. https://api.openai.com")
+        add("--listen", help="HOST:PORT of the TLS listener (port 0: pick one)")
+        add("--no-tls", dest="tls", action="store_const", const=False, help="plain HTTP listener")
+    add("--grpc-listen", help="HOST:PORT of the ext_proc gRPC server")
+    add("--state-dir", type=Path, help="SQLite file, local CA, HMAC key, Envoy config")
+    add("--hmac-key-file", type=Path, help="file holding the HMAC key for identities")
+    add("--sqlite-path", type=Path, help="session database (default <state-dir>/sessions.db)")
+    add("--redis-url", help="Redis warm tier (redis://, rediss://)")
+    add("--session-header", help="request header carrying the session id")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--fail-open", dest="fail_open", action="store_const", const=True,
+                      help="if memory cannot be loaded, forward the request without it")
+    mode.add_argument("--fail-closed", dest="fail_open", action="store_const", const=False,
+                      help="if memory cannot be loaded, answer 503")
+    add("--max-body-bytes", type=int, help="largest request body accepted")
+    add("--log-level", help="debug, info, warning, error")
+
+
+_NOT_SETTINGS = {"command", "config", "func", "config_command"}
+
+
+def _settings(args: argparse.Namespace, **defaults: Any) -> Settings:
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
+    return load_settings(args.config, flags, defaults=defaults)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return uvloop.run(coro)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from extproc.supervisor import run_up
+
+    # `up` owns its gRPC server: a free loopback port unless one is configured.
+    settings = _settings(args, grpc_listen="127.0.0.1:0")
+    _setup_logging(settings.log_level)
+    return _run(run_up(settings))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.serve import run_serve
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    return _run(run_serve(settings))
+
+
+def cmd_mock_llm(args: argparse.Namespace) -> int:
+    from extproc import mock_llm
+
+    return mock_llm.run(args)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(json.dumps(settings.redacted(), indent=2, default=str))
+    return 0
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from extproc.envoy_config import bootstrap
+
+    settings = _settings(args)
+    host, _, port = settings.grpc_listen.rpartition(":")
+    tls = (Path("/etc/sessiongate/tls/cert.pem"), Path("/etc/sessiongate/tls/key.pem"))
+    config = bootstrap(settings, [(host, int(port) or 50051)], tls if settings.tls else None)
+    print(yaml.safe_dump(config, sort_keys=False), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sessiongate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run Envoy (TLS) + sessiongate in the foreground")
+    _add_settings_flags(up, for_up=True)
+    up.set_defaults(func=cmd_up)
+
+    serve = sub.add_parser("serve", help="run only the ext_proc server (Envoy runs elsewhere)")
+    _add_settings_flags(serve, for_up=False)
+    serve.set_defaults(func=cmd_serve)
+
+    from extproc import mock_llm
+
+    mock = sub.add_parser("mock-llm", help="the simulated LLM provider used by the tests")
+    mock_llm.add_arguments(mock)
+    mock.set_defaults(func=cmd_mock_llm)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate and print the effective settings")
+    _add_settings_flags(check, for_up=True)
+    check.set_defaults(func=cmd_config_check)
+
+    envoy = sub.add_parser("envoy-config", help="print the Envoy config `up` would run")
+    _add_settings_flags(envoy, for_up=True)
+    envoy.set_defaults(func=cmd_envoy_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"sessiongate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

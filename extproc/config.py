@@ -1,0 +1,192 @@
+"""Settings: defaults < config file (TOML, versioned) < SESSIONGATE_* variables < flags.
+
+Every setting has one name used in all three places: `listen` is `listen = "..."` in the file,
+`SESSIONGATE_LISTEN` in the environment and `--listen` on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import platformdirs
+
+CONFIG_VERSION = 1
+ENV_PREFIX = "SESSIONGATE_"
+
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+IDENTITY_SOURCES = ("jwt", "mtls", "api-key")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the setting."""
+
+
+def default_state_dir() -> Path:
+    return Path(platformdirs.user_state_dir("sessiongate", appauthor=False))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- traffic (used by `up`, which generates the Envoy config) ---
+    upstream: str = "https://api.openai.com"
+    listen: str = "127.0.0.1:8443"
+    tls: bool = True
+    # --- the ext_proc server ---
+    grpc_listen: str = "127.0.0.1:50051"
+    state_dir: Path = field(default_factory=default_state_dir)
+    hmac_key_file: Path | None = None  # default: <state_dir>/hmac.key (created by `up` only)
+    sqlite_path: Path | None = None  # default: <state_dir>/sessions.db
+    redis_url: str | None = None
+    session_header: str = "x-session-id"
+    fail_open: bool = True
+    allow_anonymous: bool = False
+    identity_sources: tuple[str, ...] = ("jwt", "api-key")  # "mtls" is opt-in
+    jwt_metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    tenant_claim: str = "tenant"
+    # --- limits and timings ---
+    max_body_bytes: int = 8 * 1024 * 1024
+    message_timeout_ms: int = 2000
+    pending_wait_ms: int = 1500
+    stream_idle_timeout_s: int = 600
+    hot_max_bytes: int = 256 * 1024 * 1024
+    commit_interval_ms: int = 20
+    log_level: str = "info"
+
+    @property
+    def hmac_key_path(self) -> Path:
+        return self.hmac_key_file or self.state_dir / "hmac.key"
+
+    @property
+    def sqlite_file(self) -> Path:
+        return self.sqlite_path or self.state_dir / "sessions.db"
+
+    @property
+    def server_deadline_s(self) -> float:
+        """The server's own budget for a rewrite: safely below Envoy's message_timeout."""
+        return max(0.05, self.message_timeout_ms / 1000 * 0.8)
+
+    def redacted(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.redis_url:
+            parts = urlsplit(self.redis_url)
+            if parts.password:
+                out["redis_url"] = self.redis_url.replace(f":{parts.password}@", ":***@")
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a file/env/flag value into the field's type, or raise ConfigError naming it."""
+    kind = str(_FIELDS[name].type)
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("not an integer")
+            return int(value)
+        if kind.startswith("Path"):
+            return None if value in (None, "") else Path(str(value)).expanduser()
+        if kind.startswith("tuple"):
+            items = value if isinstance(value, list | tuple) else str(value).split(",")
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if kind == "str | None":
+            return None if value in (None, "") else str(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    version = data.pop("version", None)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"{path}: `version = {CONFIG_VERSION}` is required (found {version!r})")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    return data
+
+
+def settings_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            out[name] = environ[key]
+    return out
+
+
+def load_settings(
+    config_file: Path | None,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers and validate. `flags` holds only the flags the user actually gave;
+    `defaults` replaces built-in defaults for one command (e.g. `up` picks a free gRPC port)."""
+    env = os.environ if environ is None else environ
+    if config_file is None and env.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(env[ENV_PREFIX + "CONFIG"])
+    merged: dict[str, Any] = dict(defaults or {})
+    if config_file is not None:
+        merged.update(read_config_file(config_file))
+    merged.update(settings_from_env(env))
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    settings = Settings(**{k: _coerce(k, v) for k, v in merged.items()})
+    validate(settings)
+    return settings
+
+
+def split_host_port(value: str, name: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def validate(s: Settings) -> None:
+    parts = urlsplit(s.upstream)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"upstream: expected an http(s) URL, got {s.upstream!r}")
+    if parts.query or parts.fragment:
+        raise ConfigError("upstream: a query string or fragment is not allowed")
+    split_host_port(s.listen, "listen")
+    split_host_port(s.grpc_listen, "grpc_listen")
+    if not _HEADER_NAME.match(s.session_header) or s.session_header.startswith(":"):
+        raise ConfigError(f"session_header: not a lower-case header name: {s.session_header!r}")
+    unknown = set(s.identity_sources) - set(IDENTITY_SOURCES)
+    if unknown or not s.identity_sources:
+        raise ConfigError(f"identity_sources: choose from {', '.join(IDENTITY_SOURCES)}")
+    if s.redis_url and urlsplit(s.redis_url).scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError("redis_url: expected redis://, rediss:// or unix://")
+    if not 1024 <= s.max_body_bytes <= 512 * 1024 * 1024:
+        raise ConfigError("max_body_bytes: between 1 KiB and 512 MiB")
+    if s.message_timeout_ms < 100:
+        raise ConfigError("message_timeout_ms: at least 100")
+    if not 0 <= s.pending_wait_ms < s.message_timeout_ms * 0.8:
+        raise ConfigError("pending_wait_ms: must stay below 80% of message_timeout_ms")
+    if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError("log_level: debug, info, warning or error")

@@ -1,0 +1,372 @@
+"""The Envoy bootstrap for `sessiongate up`, built as data (dumped to YAML for Envoy).
+
+Layout: one listener (TLS by default) -> HTTP connection manager -> rewrite ext_proc (blocking)
+-> capture ext_proc (observability mode) -> router -> the provider. Only the chat route with a
+session header runs the filters; every other route disables both per route, so it costs nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import certifi
+
+from extproc.config import Settings, split_host_port
+from extproc.mutations import METADATA_NAMESPACE, PASS_THROUGH_MODE
+
+EXT_PROC_CLUSTER = "sessiongate_ext_proc"
+UPSTREAM_CLUSTER = "llm_upstream"
+REWRITE_FILTER = "sessiongate.rewrite"
+CAPTURE_FILTER = "sessiongate.capture"
+CHAT_PATH = "/v1/chat/completions"
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3"
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+    path_prefix: str  # "" or "/something", never ending in "/"
+
+    @classmethod
+    def parse(cls, url: str) -> Upstream:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        prefix = parts.path.rstrip("/")
+        # Clients are given <listen>/v1 as their base URL, so an upstream written the way SDKs
+        # spell base URLs (".../v1") must not become /v1/v1.
+        if prefix.endswith("/v1"):
+            prefix = prefix[: -len("/v1")]
+        return cls(parts.scheme, host, port, prefix)
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _ext_proc_grpc_service(timeout_s: float) -> dict[str, Any]:
+    return {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}, "timeout": _duration(timeout_s)}
+
+
+def rewrite_filter(settings: Settings) -> dict[str, Any]:
+    """Blocking: request headers SEND (so headers wait for the rewritten body), body BUFFERED."""
+    config: dict[str, Any] = {
+        "@type": f"{_EXT_PROC}.ExternalProcessor",
+        "grpc_service": _ext_proc_grpc_service(settings.message_timeout_ms / 1000 + 1),
+        "failure_mode_allow": settings.fail_open,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SKIP",
+            "request_body_mode": "BUFFERED",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "message_timeout": _duration(settings.message_timeout_ms / 1000),
+        "allow_mode_override": True,
+        "allowed_override_modes": [PASS_THROUGH_MODE],
+        "metadata_options": {
+            "forwarding_namespaces": {
+                "untyped": [settings.jwt_metadata_namespace, "sessiongate.identity"]
+            },
+            "receiving_namespaces": {"untyped": [METADATA_NAMESPACE]},
+        },
+        "stat_prefix": "rewrite",
+        "status_on_error": {"code": 503},
+    }
+    if "mtls" in settings.identity_sources:
+        config["request_attributes"] = [
+            "connection.uri_san_peer_certificate",
+            "connection.subject_peer_certificate",
+        ]
+    return {"name": REWRITE_FILTER, "typed_config": config}
+
+
+def capture_filter() -> dict[str, Any]:
+    """Observability mode: Envoy never waits for us, and a capture failure never fails a request."""
+    return {
+        "name": CAPTURE_FILTER,
+        "typed_config": {
+            "@type": f"{_EXT_PROC}.ExternalProcessor",
+            "grpc_service": _ext_proc_grpc_service(30),
+            "failure_mode_allow": True,
+            "observability_mode": True,
+            "deferred_close_timeout": "5s",
+            "processing_mode": {
+                "request_header_mode": "SKIP",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "STREAMED",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "metadata_options": {"forwarding_namespaces": {"untyped": [METADATA_NAMESPACE]}},
+            "stat_prefix": "capture",
+        },
+    }
+
+
+def _disabled_filters() -> dict[str, Any]:
+    disabled = {"@type": f"{_EXT_PROC}.ExtProcPerRoute", "disabled": True}
+    return {REWRITE_FILTER: disabled, CAPTURE_FILTER: disabled}
+
+
+def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
+    action = {
+        "cluster": UPSTREAM_CLUSTER,
+        "timeout": "0s",  # Envoy's 15 s default would cut long completions
+        "host_rewrite_literal": upstream.authority,
+    }
+    chat = {
+        "name": "chat_completions_with_session",
+        "match": {
+            "path": CHAT_PATH,
+            "headers": [{"name": settings.session_header, "present_match": True}],
+        },
+        "route": {**action, "prefix_rewrite": upstream.path_prefix + CHAT_PATH},
+        "request_body_buffer_limit": settings.max_body_bytes,
+    }
+    other = {
+        "name": "pass_through",
+        "match": {"prefix": "/"},
+        "route": {**action, "prefix_rewrite": upstream.path_prefix + "/"},
+        "typed_per_filter_config": _disabled_filters(),
+        "request_body_buffer_limit": settings.max_body_bytes,
+    }
+    return [chat, other]
+
+
+def local_reply_config(settings: Settings) -> dict[str, Any]:
+    """Errors Envoy or sessiongate make themselves, in OpenAI's error shape."""
+
+    def json_error(type_: str) -> dict[str, Any]:
+        return {
+            "json_format": {
+                "error": {
+                    "message": "%LOCAL_REPLY_BODY%",
+                    "type": type_,
+                    "code": "%RESPONSE_CODE_DETAILS%",
+                }
+            }
+        }
+
+    def status_at_least(code: int) -> dict[str, Any]:
+        return {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "GE",
+                    "value": {"default_value": code, "runtime_key": f"sessiongate.ge_{code}"},
+                }
+            }
+        }
+
+    too_large = {
+        "filter": {
+            "status_code_filter": {
+                "comparison": {
+                    "op": "EQ",
+                    "value": {"default_value": 413, "runtime_key": "sessiongate.eq_413"},
+                }
+            }
+        },
+        "body": {
+            "inline_string": f"request body exceeds sessiongate's limit of "
+            f"{settings.max_body_bytes} bytes (max_body_bytes)"
+        },
+        "body_format_override": json_error("invalid_request_error"),
+    }
+    return {
+        "mappers": [
+            too_large,
+            {"filter": status_at_least(500), "body_format_override": json_error("server_error")},
+            {
+                "filter": status_at_least(400),
+                "body_format_override": json_error("invalid_request_error"),
+            },
+        ]
+    }
+
+
+def http_connection_manager(settings: Settings, upstream: Upstream) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": f"{_HCM}.HttpConnectionManager",
+            "stat_prefix": "llm",
+            "codec_type": "AUTO",
+            # Long SSE streams may pause between tokens (reasoning models think for minutes).
+            "stream_idle_timeout": _duration(settings.stream_idle_timeout_s),
+            "request_timeout": "0s",
+            "common_http_protocol_options": {"idle_timeout": "3600s"},
+            "local_reply_config": local_reply_config(settings),
+            "route_config": {
+                "name": "llm",
+                "virtual_hosts": [
+                    {"name": "llm", "domains": ["*"], "routes": routes(settings, upstream)}
+                ],
+            },
+            "http_filters": [
+                rewrite_filter(settings),
+                capture_filter(),
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+                    },
+                },
+            ],
+        },
+    }
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _endpoint(host: str, port: int) -> dict[str, Any]:
+    return {"endpoint": {"address": _socket_address(host, port)}}
+
+
+def ext_proc_cluster(grpc_endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    return {
+        "name": EXT_PROC_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            _HTTP_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"}
+                    }
+                },
+            }
+        },
+        # Every HTTP request opens up to two ext_proc streams; the default of 1,024 concurrent
+        # requests per cluster would turn load into 500s.
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "max_connections": 100000,
+                    "max_pending_requests": 100000,
+                    "max_requests": 100000,
+                }
+            ]
+        },
+        "load_assignment": {
+            "cluster_name": EXT_PROC_CLUSTER,
+            "endpoints": [{"lb_endpoints": [_endpoint(h, p) for h, p in grpc_endpoints]}],
+        },
+    }
+
+
+def upstream_cluster(upstream: Upstream) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": UPSTREAM_CLUSTER,
+        "type": "STATIC" if upstream.is_ip else "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "10s",
+        "load_assignment": {
+            "cluster_name": UPSTREAM_CLUSTER,
+            "endpoints": [{"lb_endpoints": [_endpoint(upstream.host, upstream.port)]}],
+        },
+        "circuit_breakers": {
+            "thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
+                            "max_requests": 10000}]
+        },
+    }
+    if upstream.scheme == "https":
+        san_type = "IP_ADDRESS" if upstream.is_ip else "DNS"
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": f"{_TLS}.UpstreamTlsContext",
+                "sni": upstream.host,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": certifi.where()},
+                        "match_typed_subject_alt_names": [
+                            {"san_type": san_type, "matcher": {"exact": upstream.host}}
+                        ],
+                    },
+                },
+            },
+        }
+        cluster["typed_extension_protocol_options"] = {
+            _HTTP_OPTIONS: {
+                "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
+                "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+            }
+        }
+    return cluster
+
+
+def downstream_tls(cert: Path, key: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": f"{_TLS}.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(cert)},
+                        "private_key": {"filename": str(key)},
+                    }
+                ],
+            },
+        },
+    }
+
+
+def bootstrap(
+    settings: Settings,
+    grpc_endpoints: list[tuple[str, int]],
+    tls_files: tuple[Path, Path] | None,
+) -> dict[str, Any]:
+    """The whole Envoy config. `tls_files` = (certificate chain, private key) or None."""
+    upstream = Upstream.parse(settings.upstream)
+    host, port = split_host_port(settings.listen, "listen")
+    chain: dict[str, Any] = {"filters": [http_connection_manager(settings, upstream)]}
+    if tls_files is not None:
+        chain["transport_socket"] = downstream_tls(*tls_files)
+    return {
+        "node": {"id": "sessiongate", "cluster": "sessiongate"},
+        # Admin is bound to loopback on a free port and never exposed.
+        "admin": {"address": _socket_address("127.0.0.1", 0)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "llm",
+                    "address": _socket_address(host, port),
+                    "per_connection_buffer_limit_bytes": 1024 * 1024,
+                    "filter_chains": [chain],
+                }
+            ],
+            "clusters": [ext_proc_cluster(grpc_endpoints), upstream_cluster(upstream)],
+        },
+    }

@@ -1,0 +1,151 @@
+"""Every ProcessingResponse sessiongate sends is built here, and nowhere else.
+
+The protobuf modules come from xds-protos (upb-backed: ~1 µs to parse a request, against
+hundreds of µs for pydantic-backed bindings). They are untyped, so this module is the typed seam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+ProcessingRequest = ep.ProcessingRequest
+ProcessingResponse = ep.ProcessingResponse
+
+METADATA_NAMESPACE = "sessiongate"
+_Mode = processing_mode_pb2.ProcessingMode
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# The mode override that ends a rewrite stream after the headers. Envoy replaces the whole
+# mode (DEFAULT header modes mean SEND), so every field is spelt out; the Envoy config lists this
+# exact mode in `allowed_override_modes` (which compares all fields but request_header_mode).
+PASS_THROUGH_MODE = {
+    "request_header_mode": "SEND",
+    "response_header_mode": "SKIP",
+    "request_body_mode": "NONE",
+    "response_body_mode": "NONE",
+    "request_trailer_mode": "SKIP",
+    "response_trailer_mode": "SKIP",
+}
+
+
+def _header_mutation(
+    set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()
+) -> Any:
+    mutation = ep.HeaderMutation(remove_headers=list(remove))
+    for key, value in (set_headers or {}).items():
+        mutation.set_headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+                append_action=_OVERWRITE,
+            )
+        )
+    return mutation
+
+
+def request_headers_continue(remove: Iterable[str] = ()) -> Any:
+    """Let the request headers through, minus `remove` (e.g. the session header)."""
+    common = ep.CommonResponse(header_mutation=_header_mutation(remove=remove))
+    return ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+
+
+def request_headers_pass_through(remove: Iterable[str] = ()) -> Any:
+    """No memory for this request: skip its body, so Envoy sends us nothing more."""
+    response = request_headers_continue(remove)
+    response.mode_override.CopyFrom(_PASS_THROUGH)
+    return response
+
+
+def request_body_unchanged() -> Any:
+    return ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
+
+
+def request_body_replaced(body: bytes, turn_id: str) -> Any:
+    """The rewritten body, its byte length, and the turn id for the capture filter.
+
+    With a BUFFERED body and SEND headers, content-length must be set here: a mismatch is a
+    local 500 from Envoy.
+    """
+    common = ep.CommonResponse(
+        header_mutation=_header_mutation({"content-length": str(len(body))}),
+        body_mutation=ep.BodyMutation(body=body),
+    )
+    response = ProcessingResponse(request_body=ep.BodyResponse(response=common))
+    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id))
+    return response
+
+
+def turn_metadata(turn_id: str) -> Any:
+    metadata = struct_pb2.Struct()
+    metadata.get_or_create_struct(METADATA_NAMESPACE)["turn_id"] = turn_id
+    return metadata
+
+
+def immediate_error(status: int, body: bytes, details: str) -> Any:
+    """A gateway-made error, already in the provider's JSON error shape."""
+    return ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=_header_mutation({"content-type": "application/json"}),
+            body=body,
+            details=details,
+        )
+    )
+
+
+_PASS_THROUGH = _Mode(
+    **{k: getattr(_Mode, v) for k, v in PASS_THROUGH_MODE.items()}  # enum names -> values
+)
+
+
+# --- reading requests: typed accessors over the untyped messages ---
+
+
+def headers_dict(http_headers: Any) -> dict[str, str]:
+    """Header map of an HttpHeaders message. Envoy sends `raw_value` (bytes) in recent releases."""
+    out: dict[str, str] = {}
+    for h in http_headers.headers.headers:
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        out[h.key] = value if h.key not in out else out[h.key] + "," + value
+    return out
+
+
+def metadata_dict(request: Any, namespaces: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The listed dynamic metadata namespaces of a ProcessingRequest as plain dicts."""
+    filter_metadata = request.metadata_context.filter_metadata
+    out: dict[str, dict[str, Any]] = {}
+    for ns in namespaces:
+        if ns in filter_metadata:
+            out[ns] = _struct_to_dict(filter_metadata[ns])
+    return out
+
+
+def turn_id_of(request: Any) -> str | None:
+    filter_metadata = request.metadata_context.filter_metadata
+    if METADATA_NAMESPACE not in filter_metadata:
+        return None
+    fields = filter_metadata[METADATA_NAMESPACE].fields
+    if "turn_id" not in fields:
+        return None
+    value = fields["turn_id"].string_value
+    return str(value) or None
+
+
+def attributes_dict(request: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for struct in request.attributes.values():
+        out.update(_struct_to_dict(struct))
+    return out
+
+
+def _struct_to_dict(struct: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    result: dict[str, Any] = MessageToDict(struct)
+    return result

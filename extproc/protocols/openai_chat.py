@@ -1,0 +1,327 @@
+"""OpenAI Chat Completions wire format.
+
+Responses (capture side)
+------------------------
+A reply becomes a `CapturedReply` whose `message` is the assistant message exactly as the next
+request's history should carry it: `{"role": "assistant", "content": str | None}` plus
+`"tool_calls"` only if the model called tools and `"refusal"` only if it refused. `content` is
+`None` when it is empty and the reply has tool calls or a refusal (as the API itself returns
+it), otherwise a string (possibly `""`, which the API accepts in history where `null` alone is
+rejected).
+
+A streamed reply is complete only when its terminal event, `data: [DONE]`, arrives and no error
+was seen; the end of the byte stream alone is not completion. A non-streamed reply is complete
+when it is a well-formed `chat.completion` with a choice. Only choice 0 is recorded (n>1 replies
+keep their first choice).
+
+How the edge cases are stored:
+- `finish_reason: "length"` (truncated by `max_tokens`/the context window), `"content_filter"`
+  (the provider cut or withheld output) and refusals (`refusal` text, usually with
+  `finish_reason: "stop"`) are all *complete* replies, stored as the provider sent them: the
+  partial content and/or the `refusal` string go into the message and `finish_reason` is kept on
+  the turn, so a caller can see why the reply stopped.
+- An `error` object, either as the whole body or as an SSE event under HTTP 200 (some providers
+  send `data: {"error": {...}}` mid-stream), records `error` and makes the reply not complete,
+  even if `[DONE]` follows. Malformed JSON does the same; nothing here ever raises.
+- No usage in the reply (streams only carry it with `stream_options.include_usage`, which we
+  never inject): the completion tokens are counted over the captured message with
+  `extproc.tokens`, the prompt tokens are the caller's estimate, and `Usage.estimated` is True.
+
+Streamed tool calls are merged by `index` as the official SDK does, except that `id`, `type` and
+`function.name` are taken from the first fragment that carries them rather than concatenated
+(some providers repeat them in every fragment; the SDK would then produce `"call_1call_1"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from extproc.tokens import count_reply
+from store.model import Message, Usage
+
+# --- responses ---
+
+
+@dataclass(slots=True)
+class CapturedReply:
+    """The assistant reply decoded from a response, ready to complete a pending turn."""
+
+    message: Message
+    finish_reason: str | None
+    usage: Usage
+    complete: bool
+    error: str | None
+    model: str
+
+
+def _assistant_message(content: Any, tool_calls: list[Message], refusal: Any) -> Message:
+    refusal = refusal if isinstance(refusal, str) and refusal else None
+    if not isinstance(content, str) or not content:
+        content = None if tool_calls or refusal else ""
+    message: Message = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    if refusal is not None:
+        message["refusal"] = refusal
+    return message
+
+
+def _usage(raw: Any, message: Message, prompt_tokens_estimate: int) -> Usage:
+    if isinstance(raw, dict):
+        prompt = raw.get("prompt_tokens")
+        completion = raw.get("completion_tokens")
+        if type(prompt) is int and type(completion) is int:
+            return Usage(prompt_tokens=prompt, completion_tokens=completion)
+    return Usage(
+        prompt_tokens=prompt_tokens_estimate,
+        completion_tokens=count_reply(message),
+        estimated=True,
+    )
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        message = error.get("message")
+        kind = error.get("code") or error.get("type")
+        if isinstance(message, str):
+            return f"{kind}: {message}" if isinstance(kind, str) and kind else message
+    return "provider error: " + orjson.dumps(error, default=str).decode()
+
+
+def _preview(data: str | bytes) -> str:
+    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _ToolCallSlot:
+    __slots__ = ("arguments", "id", "name", "type")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.type = ""
+        self.name = ""
+        self.arguments: list[str] = []
+
+    def to_message(self) -> Message:
+        return {
+            "id": self.id,
+            "type": self.type or "function",
+            "function": {"name": self.name, "arguments": "".join(self.arguments)},
+        }
+
+
+class ChatStreamAccumulator:
+    """Accumulates the `data:` payloads of a `chat.completion.chunk` SSE stream.
+
+    Feed every event's data string to `feed_event` in order, then call `result`. Per event the
+    work is one `orjson.loads` and a few dict lookups; content fragments are joined only once,
+    in `result`.
+    """
+
+    __slots__ = (
+        "_content",
+        "_done",
+        "_error",
+        "_finish_reason",
+        "_model",
+        "_refusal",
+        "_saw_choice",
+        "_tools",
+        "_usage",
+    )
+
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._refusal: list[str] = []
+        self._tools: dict[int, _ToolCallSlot] = {}
+        self._finish_reason: str | None = None
+        self._usage: Any = None
+        self._model = ""
+        self._saw_choice = False
+        self._done = False
+        self._error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the terminal `[DONE]` event was fed."""
+        return self._done
+
+    def feed_event(self, data: str) -> None:
+        """Apply one SSE `data:` payload. Never raises; problems are recorded in `error`."""
+        if self._done:
+            return
+        if data == "[DONE]":
+            self._done = True
+            return
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            if data.strip() == "[DONE]":
+                self._done = True
+            else:
+                self._fail(f"malformed event: {_preview(data)}")
+            return
+        if type(chunk) is not dict:
+            self._fail(f"malformed event: {_preview(data)}")
+            return
+        try:
+            self._apply(chunk)
+        except Exception as exc:  # a provider's odd chunk shape must never break capture
+            self._fail(f"unexpected chunk shape: {exc!r}")
+
+    def _fail(self, error: str) -> None:
+        if self._error is None:
+            self._error = error
+
+    def _apply(self, chunk: dict[str, Any]) -> None:
+        error = chunk.get("error")
+        if error or chunk.get("object") == "error":  # vLLM-style bare error objects too
+            self._fail(_error_text(error or chunk))
+            return
+        if not self._model:
+            model = chunk.get("model")
+            if isinstance(model, str):
+                self._model = model
+        usage = chunk.get("usage")
+        if usage:
+            self._usage = usage
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue
+            self._saw_choice = True
+            delta = choice.get("delta")
+            if delta:
+                text = delta.get("content")
+                if text and isinstance(text, str):
+                    self._content.append(text)
+                refusal = delta.get("refusal")
+                if refusal and isinstance(refusal, str):
+                    self._refusal.append(refusal)
+                tool_calls = delta.get("tool_calls")
+                if tool_calls:
+                    self._merge_tool_calls(tool_calls)
+            finish_reason = choice.get("finish_reason")
+            if finish_reason and isinstance(finish_reason, str):
+                self._finish_reason = finish_reason
+
+    def _merge_tool_calls(self, fragments: list[dict[str, Any]]) -> None:
+        tools = self._tools
+        for fragment in fragments:
+            call_id = fragment.get("id")
+            if not isinstance(call_id, str):
+                call_id = ""
+            index = fragment.get("index")
+            if type(index) is not int:
+                # No index (seen from some OpenAI-compatible servers): a new id starts a new
+                # call, anything else continues the last one.
+                last = max(tools, default=-1)
+                if last < 0 or (call_id and tools[last].id and call_id != tools[last].id):
+                    last += 1
+                index = last
+            slot = tools.get(index)
+            if slot is None:
+                slot = tools[index] = _ToolCallSlot()
+            if call_id and not slot.id:
+                slot.id = call_id
+            kind = fragment.get("type")
+            if kind and not slot.type and isinstance(kind, str):
+                slot.type = kind
+            function = fragment.get("function")
+            if function:
+                name = function.get("name")
+                if name and not slot.name and isinstance(name, str):
+                    slot.name = name
+                arguments = function.get("arguments")
+                if arguments and isinstance(arguments, str):
+                    slot.arguments.append(arguments)
+
+    def result(self, prompt_tokens_estimate: int) -> CapturedReply:
+        """The reply as accumulated so far; `complete` only after `[DONE]` without errors."""
+        tool_calls = [self._tools[i].to_message() for i in sorted(self._tools)]
+        message = _assistant_message("".join(self._content), tool_calls, "".join(self._refusal))
+        error = self._error
+        if error is None and self._done and not self._saw_choice:
+            error = "stream ended without a choice"
+        return CapturedReply(
+            message=message,
+            finish_reason=self._finish_reason,
+            usage=_usage(self._usage, message, prompt_tokens_estimate),
+            complete=self._done and error is None,
+            error=error,
+            model=self._model,
+        )
+
+
+def _message_tool_calls(raw: Any) -> list[Message]:
+    if not isinstance(raw, list):
+        return []
+    calls: list[Message] = []
+    for call in raw:
+        if not isinstance(call, dict):
+            continue
+        function = call.get("function")
+        if isinstance(function, dict):
+            calls.append(
+                {
+                    "id": call.get("id") or "",
+                    "type": call.get("type") or "function",
+                    "function": {
+                        "name": function.get("name") or "",
+                        "arguments": function.get("arguments") or "",
+                    },
+                }
+            )
+        else:  # other tool kinds (e.g. custom tools) are kept as the provider sent them
+            calls.append(call)
+    return calls
+
+
+def parse_chat_json(body: bytes, prompt_tokens_estimate: int) -> CapturedReply:
+    """Decode a non-streamed `chat.completion` body. Never raises."""
+    empty = _assistant_message("", [], None)
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        obj = None
+    if not isinstance(obj, dict):
+        return CapturedReply(
+            message=empty,
+            finish_reason=None,
+            usage=_usage(None, empty, prompt_tokens_estimate),
+            complete=False,
+            error=f"malformed body: {_preview(body)}",
+            model="",
+        )
+    model = obj.get("model")
+    model = model if isinstance(model, str) else ""
+    error: str | None = _error_text(obj["error"]) if obj.get("error") else None
+    choices = obj.get("choices")
+    choice: dict[str, Any] = {}
+    if isinstance(choices, list):
+        firsts = [c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0]
+        choice = firsts[0] if firsts else {}
+    raw = choice.get("message")
+    if not isinstance(raw, dict):
+        return CapturedReply(
+            message=empty,
+            finish_reason=None,
+            usage=_usage(obj.get("usage"), empty, prompt_tokens_estimate),
+            complete=False,
+            error=error or "completion without a choice message",
+            model=model,
+        )
+    message = _assistant_message(
+        raw.get("content"), _message_tool_calls(raw.get("tool_calls")), raw.get("refusal")
+    )
+    finish_reason = choice.get("finish_reason")
+    return CapturedReply(
+        message=message,
+        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+        usage=_usage(obj.get("usage"), message, prompt_tokens_estimate),
+        complete=error is None,
+        error=error,
+        model=model,
+    )

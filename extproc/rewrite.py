@@ -1,0 +1,136 @@
+"""The blocking rewrite filter: one instance per ext_proc stream.
+
+Request headers decide whether this request gets memory at all (no: skip the body with a mode
+override, so Envoy sends nothing more). The buffered request body is then replaced by the
+session's history plus the new messages, and the turn id goes to the capture filter as dynamic
+metadata.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from extproc import mutations
+from extproc.config import Settings
+from extproc.errors import openai_error
+from extproc.identity import IdentityResolver, valid_session_id
+from extproc.metrics import Metrics
+from extproc.protocols import openai_chat_request as chat
+from store import PendingTurn, SessionStore
+
+log = logging.getLogger(__name__)
+
+CHAT_SUFFIX = "/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    session_key: str
+
+
+class Rewriter:
+    """Shared per process; holds no per-request state."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: IdentityResolver,
+        store: SessionStore,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.store = store
+        self.metrics = metrics
+        self._namespaces = (settings.jwt_metadata_namespace, "sessiongate.identity")
+
+    def on_request_headers(self, request: Any) -> tuple[Any, SessionContext | None]:
+        """The headers response, and the session when the body should come to us."""
+        headers = mutations.headers_dict(request.request_headers)
+        header = self.settings.session_header
+        session_id = headers.get(header)
+        remove = (header,) if session_id is not None else ()
+        if session_id is None or not self._is_chat_request(headers):
+            self.metrics.inc("rewrite.pass_through.not_applicable")
+            return mutations.request_headers_pass_through(remove), None
+        if not valid_session_id(session_id):
+            self.metrics.inc("rewrite.rejected.session_id")
+            body = openai_error(
+                f"invalid {header}: expected 1-128 characters from [A-Za-z0-9._:-]",
+                code="invalid_session_id",
+                param=header,
+            )
+            return mutations.immediate_error(400, body, "sessiongate_invalid_session_id"), None
+        identity = self.resolver.resolve(
+            headers,
+            mutations.metadata_dict(request, self._namespaces),
+            mutations.attributes_dict(request) if request.attributes else {},
+        )
+        if identity is None:
+            self.metrics.inc("rewrite.pass_through.no_identity")
+            return mutations.request_headers_pass_through(remove), None
+        if request.request_headers.end_of_stream:
+            self.metrics.inc("rewrite.pass_through.no_body")
+            return mutations.request_headers_pass_through(remove), None
+        context = SessionContext(self.resolver.session_key(identity, session_id))
+        return mutations.request_headers_continue(remove), context
+
+    @staticmethod
+    def _is_chat_request(headers: dict[str, str]) -> bool:
+        if headers.get(":method") != "POST":
+            return False
+        if not headers.get(":path", "").partition("?")[0].endswith(CHAT_SUFFIX):
+            return False
+        # A compressed request body cannot be rewritten: documented pass-through.
+        if headers.get("content-encoding", "identity").strip().lower() != "identity":
+            return False
+        return "json" in headers.get("content-type", "application/json").lower()
+
+    async def on_request_body(self, context: SessionContext, request: Any) -> Any:
+        try:
+            parsed = chat.parse_request(request.request_body.body)
+        except chat.RequestError as exc:
+            # The provider answers the bad request in its own words; we add nothing.
+            self.metrics.inc("rewrite.pass_through.unparseable")
+            log.debug("request body passed through: %s", exc)
+            return mutations.request_body_unchanged()
+        try:
+            async with asyncio.timeout(self.settings.server_deadline_s):
+                return await self._rewrite(context, parsed)
+        except Exception as exc:  # the store or our code failed: follow the failure mode
+            self.metrics.inc("rewrite.failed")
+            log.warning("rewrite failed (%s): %s", type(exc).__name__, exc)
+            if self.settings.fail_open:
+                return mutations.request_body_unchanged()
+            body = openai_error(
+                "sessiongate could not load this session's memory; try again",
+                type_="server_error",
+                code="session_unavailable",
+            )
+            return mutations.immediate_error(503, body, "sessiongate_rewrite_failed")
+
+    async def _rewrite(self, context: SessionContext, parsed: chat.ChatRequest) -> Any:
+        key = context.session_key
+        # Read-your-writes: the previous turn of this session may still be in capture.
+        if not await self.store.wait_for_pending(key, self.settings.pending_wait_ms / 1000):
+            self.metrics.inc("rewrite.pending_wait_timeout")
+        history = await self.store.history(key)
+        body = chat.build_body(parsed, history)
+        turn_id = uuid.uuid4().hex
+        self.store.begin_turn(
+            PendingTurn(
+                turn_id=turn_id,
+                session_key=key,
+                request_messages=parsed.new_messages,
+                system_messages=parsed.system_messages,
+                model=parsed.model,
+                # Rough (4 bytes a token) and only used when the provider reports no usage.
+                prompt_tokens_estimate=len(body) // 4,
+            )
+        )
+        self.metrics.inc("rewrite.injected")
+        return mutations.request_body_replaced(body, turn_id)

@@ -1,0 +1,63 @@
+"""The ext_proc side of sessiongate, assembled: store + identity + filters + gRPC server.
+
+Shared by `serve` (Envoy runs elsewhere) and `up` (which also runs an Envoy).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from extproc.config import Settings
+from extproc.identity import IdentityResolver, load_hmac_key
+from extproc.metrics import Metrics
+from extproc.rewrite import Rewriter
+from extproc.server import drain, start_grpc_server
+from store import SessionStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtProcService:
+    settings: Settings
+    store: SessionStore
+    metrics: Metrics
+    server: grpc.aio.Server
+    health: Any
+    port: int
+
+    async def stop(self) -> None:
+        await drain(self.server, self.health)
+        await self.store.close()
+        log.info("stopped; counters: %s", self.metrics.snapshot())
+
+
+async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcService:
+    """`create_key`: `up` makes the HMAC key on first start; `serve` requires it to exist."""
+    if settings.redis_url:
+        log.warning("redis_url is set, but this release has no Redis warm tier yet: ignored")
+    key = load_hmac_key(settings.hmac_key_path, create=create_key)
+    resolver = IdentityResolver(
+        key,
+        settings.identity_sources,
+        jwt_namespace=settings.jwt_metadata_namespace,
+        tenant_claim=settings.tenant_claim,
+        allow_anonymous=settings.allow_anonymous,
+    )
+    store = await open_store(
+        settings.sqlite_file,
+        hot_max_bytes=settings.hot_max_bytes,
+        commit_interval_ms=settings.commit_interval_ms,
+    )
+    metrics = Metrics()
+    rewriter = Rewriter(settings, resolver, store, metrics)
+    try:
+        server, port, health = await start_grpc_server(settings, rewriter, store, metrics)
+    except BaseException:
+        await store.close()
+        raise
+    return ExtProcService(settings, store, metrics, server, health, port)

@@ -1,0 +1,32 @@
+"""`sessiongate serve`: the ext_proc server alone, for meshes where Envoy runs elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from extproc.config import Settings
+from extproc.identity import IdentityError
+from extproc.runtime import start_ext_proc
+
+log = logging.getLogger(__name__)
+
+
+async def run_serve(settings: Settings) -> int:
+    try:
+        service = await start_ext_proc(settings, create_key=False)
+    except IdentityError as exc:
+        log.error("%s", exc)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host = settings.grpc_listen.rpartition(":")[0]
+    print(f"ready grpc://{host}:{service.port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()
+    return 0

@@ -1,0 +1,112 @@
+"""The grpc.aio ext_proc server: one Process() stream per filter per HTTP request.
+
+Both filters call the same service. Which one a stream belongs to is told by its first message:
+the rewrite filter always starts with request headers (SEND), the capture filter skips them and
+starts with response headers. Every handler returns as soon as it has nothing left to do, so
+Envoy never holds a stream open for the length of an LLM call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.capture import CaptureStream
+from extproc.config import Settings
+from extproc.metrics import Metrics
+from extproc.rewrite import Rewriter
+from store import SessionStore
+
+log = logging.getLogger(__name__)
+
+# gRPC frames carry a whole buffered body plus a little protobuf overhead.
+GRPC_OVERHEAD_BYTES = 64 * 1024
+# A rewritten body carries history, so what we send back may exceed what we accept.
+MAX_SEND_BYTES = 256 * 1024 * 1024
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, rewriter: Rewriter, store: SessionStore, metrics: Metrics, settings: Settings):
+        self.rewriter = rewriter
+        self.store = store
+        self.metrics = metrics
+        self.settings = settings
+
+    async def Process(  # noqa: N802 - the gRPC method name
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        kind = first.WhichOneof("request")
+        if kind == "request_headers":
+            async for response in self._rewrite(first, request_iterator):
+                yield response
+        elif kind == "response_headers":
+            await self._capture(first, request_iterator)
+        else:
+            self.metrics.inc("server.unexpected_first_message")
+            log.warning("ext_proc stream began with %s; check the filter's processing_mode", kind)
+
+    async def _rewrite(self, first: Any, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        response, session = self.rewriter.on_request_headers(first)
+        yield response
+        if session is None:
+            return
+        async for request in requests:
+            if request.WhichOneof("request") == "request_body":
+                yield await self.rewriter.on_request_body(session, request)
+                return
+            self.metrics.inc("server.unexpected_message")
+
+    async def _capture(self, first: Any, requests: AsyncIterator[Any]) -> None:
+        stream = CaptureStream(self.store, self.metrics, self.settings.max_body_bytes * 8)
+        try:
+            if not stream.on_response_headers(first):
+                return
+            async for request in requests:
+                if request.WhichOneof("request") == "response_body":
+                    if not stream.on_response_body(request):
+                        return
+        finally:
+            stream.on_stream_end()
+
+
+async def start_grpc_server(
+    settings: Settings, rewriter: Rewriter, store: SessionStore, metrics: Metrics
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Bind, start, mark SERVING. Returns the server, its bound port and the health servicer."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_body_bytes + GRPC_OVERHEAD_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    ep_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(rewriter, store, metrics, settings), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(settings.grpc_listen)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC server to {settings.grpc_listen}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(
+        "envoy.service.ext_proc.v3.ExternalProcessor", health_pb2.HealthCheckResponse.SERVING
+    )
+    return server, port, health_servicer
+
+
+async def drain(server: grpc.aio.Server, health_servicer: Any, grace_s: float = 5.0) -> None:
+    """Stop taking new streams, let running ones finish."""
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+    await asyncio.sleep(0)

@@ -1,0 +1,48 @@
+"""The protocol every storage backend implements, and the store's errors."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from store.model import Turn
+
+
+class StoreError(Exception):
+    """A backend failed; the message says which and why (never includes message content)."""
+
+
+class StoreUnavailable(StoreError):
+    """A tier cannot be reached or is failing (disk full, connection refused)."""
+
+
+class TurnBackend(Protocol):
+    """One tier. Keys are opaque session keys (HMACs), never raw client input.
+
+    `append` is idempotent by `turn.turn_id`: appending a turn id the session already has
+    returns False and changes nothing. The caller assigns `turn.seq` (> 0); a backend keeps
+    turns ordered by it.
+
+    A write-behind backend (SQLite's group commit) returns from `append` once the turn is
+    queued, before it can see a duplicate already committed; it then returns True ("accepted")
+    and ignores the duplicate at commit. Exact newness is decided by the caller (the hot tier).
+
+    `load` reflects every `append` that has returned, committed or still queued (read-your-
+    writes inside one backend), so a tier can be re-read at any time without a `flush`.
+    """
+
+    async def append(self, session_key: str, turn: Turn) -> bool: ...
+
+    async def load(self, session_key: str) -> list[Turn]: ...
+
+    async def delete(self, session_key: str) -> None: ...
+
+    async def flush(self) -> None:
+        """Return when everything appended so far is durable in this tier."""
+        ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics (sizes, hits, errors); names are backend-specific."""
+        ...
