@@ -7,6 +7,7 @@ only decodes and enqueues. Anything short of a complete 2xx reply records nothin
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -27,8 +28,11 @@ log = logging.getLogger(__name__)
 class CaptureStream:
     """One reply. `on_*` return False once nothing more is needed (the handler then returns)."""
 
-    def __init__(self, store: SessionStore, metrics: Metrics, max_json_bytes: int) -> None:
+    def __init__(
+        self, store: SessionStore, metrics: Metrics, max_json_bytes: int, delay_s: float = 0.0
+    ) -> None:
         self.store = store
+        self.delay_s = delay_s
         self.metrics = metrics
         self.max_json_bytes = max_json_bytes
         self.pending: PendingTurn | None = None
@@ -101,13 +105,20 @@ class CaptureStream:
         if not reply.complete or reply.error:
             return self._abandon("incomplete" if not reply.error else "provider_error")
         self.finished = True
+        if self.delay_s:  # debug_capture_delay_ms: a slow capture, on purpose
+            asyncio.get_running_loop().call_later(self.delay_s, self._complete, reply)
+        else:
+            self._complete(reply)
+        return False
+
+    def _complete(self, reply: CapturedReply) -> None:
+        assert self.pending is not None
         if self.store.complete_turn(
             self.pending.turn_id, reply.message, reply.finish_reason, reply.usage
         ):
             self.metrics.inc("capture.completed")
         else:
             self.metrics.inc("capture.dropped")
-        return False
 
     def _abandon(self, reason: str) -> bool:
         assert self.pending is not None

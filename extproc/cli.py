@@ -24,6 +24,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
         add("--upstream", help="provider URL, e.g. https://api.openai.com")
         add("--listen", help="HOST:PORT of the TLS listener (port 0: pick one)")
         add("--no-tls", dest="tls", action="store_const", const=False, help="plain HTTP listener")
+        add("--upstream-ca-file", type=Path, help="CA bundle that verifies the provider")
     add("--grpc-listen", help="HOST:PORT of the ext_proc gRPC server")
     add("--state-dir", type=Path, help="SQLite file, local CA, HMAC key, Envoy config")
     add("--hmac-key-file", type=Path, help="file holding the HMAC key for identities")

@@ -39,6 +39,7 @@ class Settings:
     upstream: str = "https://api.openai.com"
     listen: str = "127.0.0.1:8443"
     tls: bool = True
+    upstream_ca_file: Path | None = None  # CAs that verify the provider; default: certifi's
     # --- the ext_proc server ---
     grpc_listen: str = "127.0.0.1:50051"
     state_dir: Path = field(default_factory=default_state_dir)
@@ -53,12 +54,16 @@ class Settings:
     tenant_claim: str = "tenant"
     # --- limits and timings ---
     max_body_bytes: int = 8 * 1024 * 1024
+    # The largest body sent upstream after history is injected (0: 4 x max_body_bytes).
+    max_upstream_body_bytes: int = 0
     message_timeout_ms: int = 2000
     pending_wait_ms: int = 1500
     stream_idle_timeout_s: int = 600
     hot_max_bytes: int = 256 * 1024 * 1024
     commit_interval_ms: int = 20
     log_level: str = "info"
+    # Fault injection for tests: hold each captured turn this long before handing it over.
+    debug_capture_delay_ms: int = 0
 
     @property
     def hmac_key_path(self) -> Path:
@@ -67,6 +72,10 @@ class Settings:
     @property
     def sqlite_file(self) -> Path:
         return self.sqlite_path or self.state_dir / "sessions.db"
+
+    @property
+    def upstream_body_limit(self) -> int:
+        return self.max_upstream_body_bytes or 4 * self.max_body_bytes
 
     @property
     def server_deadline_s(self) -> float:
@@ -184,6 +193,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("redis_url: expected redis://, rediss:// or unix://")
     if not 1024 <= s.max_body_bytes <= 512 * 1024 * 1024:
         raise ConfigError("max_body_bytes: between 1 KiB and 512 MiB")
+    if s.max_upstream_body_bytes and s.max_upstream_body_bytes < s.max_body_bytes:
+        raise ConfigError("max_upstream_body_bytes: must be at least max_body_bytes")
     if s.message_timeout_ms < 100:
         raise ConfigError("message_timeout_ms: at least 100")
     if not 0 <= s.pending_wait_ms < s.message_timeout_ms * 0.8:

@@ -147,14 +147,17 @@ def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
             "headers": [{"name": settings.session_header, "present_match": True}],
         },
         "route": {**action, "prefix_rewrite": upstream.path_prefix + CHAT_PATH},
-        "request_body_buffer_limit": settings.max_body_bytes,
+        # Envoy buffers the body for the rewrite filter and holds the rewritten one in the same
+        # buffer, so its limit is the rewritten maximum; sessiongate itself answers 413 above
+        # max_body_bytes (Envoy's own 413 only covers HTTP/1.1 clients).
+        "request_body_buffer_limit": settings.upstream_body_limit,
     }
     other = {
         "name": "pass_through",
         "match": {"prefix": "/"},
         "route": {**action, "prefix_rewrite": upstream.path_prefix + "/"},
         "typed_per_filter_config": _disabled_filters(),
-        "request_body_buffer_limit": settings.max_body_bytes,
+        "request_body_buffer_limit": settings.upstream_body_limit,
     }
     return [chat, other]
 
@@ -193,13 +196,31 @@ def local_reply_config(settings: Settings) -> dict[str, Any]:
             }
         },
         "body": {
-            "inline_string": f"request body exceeds sessiongate's limit of "
-            f"{settings.max_body_bytes} bytes (max_body_bytes)"
+            "inline_string": f"request body exceeds the gateway's buffer limit of "
+            f"{settings.upstream_body_limit} bytes"
         },
         "body_format_override": json_error("invalid_request_error"),
     }
+    ours = {
+        # sessiongate's own immediate responses are already in the provider's shape.
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": METADATA_NAMESPACE,
+                    "path": [{"key": "gateway_error"}],
+                    "value": {"bool_match": True},
+                },
+                "match_if_key_not_found": False,
+            }
+        },
+        "body_format_override": {
+            "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        },
+    }
     return {
         "mappers": [
+            ours,
             too_large,
             {"filter": status_at_least(500), "body_format_override": json_error("server_error")},
             {
@@ -283,7 +304,7 @@ def ext_proc_cluster(grpc_endpoints: list[tuple[str, int]]) -> dict[str, Any]:
     }
 
 
-def upstream_cluster(upstream: Upstream) -> dict[str, Any]:
+def upstream_cluster(upstream: Upstream, ca_file: Path | None) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "name": UPSTREAM_CLUSTER,
         "type": "STATIC" if upstream.is_ip else "LOGICAL_DNS",
@@ -308,7 +329,7 @@ def upstream_cluster(upstream: Upstream) -> dict[str, Any]:
                 "common_tls_context": {
                     "alpn_protocols": ["h2", "http/1.1"],
                     "validation_context": {
-                        "trusted_ca": {"filename": certifi.where()},
+                        "trusted_ca": {"filename": str(ca_file or certifi.where())},
                         "match_typed_subject_alt_names": [
                             {"san_type": san_type, "matcher": {"exact": upstream.host}}
                         ],
@@ -367,6 +388,6 @@ def bootstrap(
                     "filter_chains": [chain],
                 }
             ],
-            "clusters": [ext_proc_cluster(grpc_endpoints), upstream_cluster(upstream)],
+            "clusters": [ext_proc_cluster(grpc_endpoints), upstream_cluster(upstream, settings.upstream_ca_file)],
         },
     }

@@ -39,9 +39,10 @@ Per-request test knobs (request headers):
   every event can be decoded as soon as its bytes arrive. Error replies are compressed too.
 - ``x-mock-split: 7,13,...``: body byte offsets (of the bytes on the wire, i.e. after
   compression) at which the body is cut into separate writes, in addition to the event
-  boundaries (one write per SSE event; a JSON body is otherwise one write). Writes are separated
-  by ``await asyncio.sleep(0)`` (or by the delay below) so they leave as separate TCP segments as
-  far as the kernel allows.
+  boundaries (one write per SSE event; a JSON body is otherwise one write; offsets past the end
+  are ignored). Writes are separated by ``await asyncio.sleep(0)`` (or by the delay below) so
+  they leave as separate TCP segments as far as the kernel allows; a client in the same event
+  loop only sees them apart with a delay.
 - ``x-mock-delay-ms: N``: sleep N ms before each write (each SSE event, or each split piece).
 - ``x-mock-fault: F[,F...]``:
   ``status:NNN`` (e.g. ``status:500``, ``status:429``: that status with OpenAI's error JSON, before

@@ -88,8 +88,12 @@ def turn_metadata(turn_id: str) -> Any:
 
 
 def immediate_error(status: int, body: bytes, details: str) -> Any:
-    """A gateway-made error, already in the provider's JSON error shape."""
-    return ProcessingResponse(
+    """A gateway-made error, already in the provider's JSON error shape.
+
+    The metadata flag tells Envoy's local-reply mappers to leave this body as it is (they wrap
+    Envoy's own plain-text errors in the same shape).
+    """
+    response = ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=status),
             headers=_header_mutation({"content-type": "application/json"}),
@@ -97,6 +101,8 @@ def immediate_error(status: int, body: bytes, details: str) -> Any:
             details=details,
         )
     )
+    response.dynamic_metadata.get_or_create_struct(METADATA_NAMESPACE)["gateway_error"] = True
+    return response
 
 
 _PASS_THROUGH = _Mode(

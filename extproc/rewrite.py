@@ -19,7 +19,7 @@ from extproc.config import Settings
 from extproc.errors import openai_error
 from extproc.identity import IdentityResolver, valid_session_id
 from extproc.metrics import Metrics
-from extproc.protocols import openai_chat_request as chat
+from extproc.protocols import openai_chat as chat
 from store import PendingTurn, SessionStore
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,9 @@ class Rewriter:
         header = self.settings.session_header
         session_id = headers.get(header)
         remove = (header,) if session_id is not None else ()
-        if session_id is None or not self._is_chat_request(headers):
+        if session_id is None:
             self.metrics.inc("rewrite.pass_through.not_applicable")
-            return mutations.request_headers_pass_through(remove), None
+            return mutations.request_headers_pass_through(), None
         if not valid_session_id(session_id):
             self.metrics.inc("rewrite.rejected.session_id")
             body = openai_error(
@@ -65,6 +65,9 @@ class Rewriter:
                 param=header,
             )
             return mutations.immediate_error(400, body, "sessiongate_invalid_session_id"), None
+        if not self._is_chat_request(headers):
+            self.metrics.inc("rewrite.pass_through.not_applicable")
+            return mutations.request_headers_pass_through(remove), None
         identity = self.resolver.resolve(
             headers,
             mutations.metadata_dict(request, self._namespaces),
@@ -91,8 +94,17 @@ class Rewriter:
         return "json" in headers.get("content-type", "application/json").lower()
 
     async def on_request_body(self, context: SessionContext, request: Any) -> Any:
+        raw = request.request_body.body
+        if len(raw) > self.settings.max_body_bytes:
+            self.metrics.inc("rewrite.rejected.too_large")
+            body = openai_error(
+                f"request body of {len(raw)} bytes exceeds the gateway's limit of "
+                f"{self.settings.max_body_bytes} bytes (max_body_bytes)",
+                code="request_too_large",
+            )
+            return mutations.immediate_error(413, body, "sessiongate_body_too_large")
         try:
-            parsed = chat.parse_request(request.request_body.body)
+            parsed = chat.parse_request(raw)
         except chat.RequestError as exc:
             # The provider answers the bad request in its own words; we add nothing.
             self.metrics.inc("rewrite.pass_through.unparseable")
@@ -119,7 +131,9 @@ class Rewriter:
         if not await self.store.wait_for_pending(key, self.settings.pending_wait_ms / 1000):
             self.metrics.inc("rewrite.pending_wait_timeout")
         history = await self.store.history(key)
-        body = chat.build_body(parsed, history)
+        body, dropped = chat.build_body(parsed, history, self.settings.upstream_body_limit)
+        if dropped:
+            self.metrics.inc("rewrite.turns_dropped_for_size", dropped)
         turn_id = uuid.uuid4().hex
         self.store.begin_turn(
             PendingTurn(

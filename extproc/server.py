@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 
 # gRPC frames carry a whole buffered body plus a little protobuf overhead.
 GRPC_OVERHEAD_BYTES = 64 * 1024
-# A rewritten body carries history, so what we send back may exceed what we accept.
-MAX_SEND_BYTES = 256 * 1024 * 1024
+GRPC_RECEIVE_FLOOR_BYTES = 64 * 1024 * 1024
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -66,7 +65,12 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             self.metrics.inc("server.unexpected_message")
 
     async def _capture(self, first: Any, requests: AsyncIterator[Any]) -> None:
-        stream = CaptureStream(self.store, self.metrics, self.settings.max_body_bytes * 8)
+        stream = CaptureStream(
+            self.store,
+            self.metrics,
+            max_json_bytes=self.settings.max_body_bytes * 8,
+            delay_s=self.settings.debug_capture_delay_ms / 1000,
+        )
         try:
             if not stream.on_response_headers(first):
                 return
@@ -78,14 +82,22 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             stream.on_stream_end()
 
 
+def grpc_receive_limit(settings: Settings) -> int:
+    return max(settings.upstream_body_limit, GRPC_RECEIVE_FLOOR_BYTES) + GRPC_OVERHEAD_BYTES
+
+
 async def start_grpc_server(
     settings: Settings, rewriter: Rewriter, store: SessionStore, metrics: Metrics
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Bind, start, mark SERVING. Returns the server, its bound port and the health servicer."""
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", settings.max_body_bytes + GRPC_OVERHEAD_BYTES),
-            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            # Envoy sends whatever it buffered: up to its buffer limit for HTTP/1.1, unbounded
+            # for HTTP/2 (Envoy 1.40 answers 413 only on HTTP/1.1). Rewrite answers 413 above
+            # max_body_bytes itself, so accept generously; above this the stream fails and the
+            # failure mode applies.
+            ("grpc.max_receive_message_length", grpc_receive_limit(settings)),
+            ("grpc.max_send_message_length", settings.upstream_body_limit + GRPC_OVERHEAD_BYTES),
             ("grpc.so_reuseport", 0),
         ]
     )

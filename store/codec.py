@@ -56,7 +56,7 @@ class TurnCodec:
         try:
             return orjson.dumps(record)
         except TypeError as exc:  # orjson.JSONEncodeError subclasses TypeError
-            # The reason names the offending type (e.g. lone surrogate, int > 64 bit), never content.
+            # orjson names the kind of problem (lone surrogate, int > 64 bit), never the content.
             raise StoreError(f"turn {turn.turn_id!r} cannot be encoded: {exc}") from None
 
     def decode(self, data: bytes) -> Turn:
@@ -67,7 +67,8 @@ class TurnCodec:
         if not isinstance(record, dict):
             raise StoreError("corrupt turn record: not a JSON object")
         version = record.get("v")
-        if version not in SUPPORTED_VERSIONS:
+        # type() not isinstance(): True and 1.0 compare equal to 1 but are not a version.
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise StoreError(
                 f"unsupported turn record version {version!r} "
                 f"(this release reads {sorted(SUPPORTED_VERSIONS)})"
@@ -91,7 +92,7 @@ def _turn_from_record(record: dict[str, Any]) -> Turn:
             completion_tokens=_typed(usage.get("completion_tokens", 0), int, "completion_tokens"),
             estimated=bool(usage.get("estimated", False)),
         ),
-        system_messages=_messages(record.get("system_messages", ()), "system_messages"),
+        system_messages=_messages(record.get("system_messages", []), "system_messages"),
         request_messages=_messages(record["request_messages"], "request_messages"),
         response_message=_message(record["response_message"], "response_message"),
     )

@@ -1,5 +1,11 @@
 """OpenAI Chat Completions wire format.
 
+Requests (rewrite side)
+-----------------------
+The client's body is parsed into its leading system/developer messages and the new messages
+of this turn; the history is spliced between them (`build_body`). A body we cannot parse is
+not rewritten: it passes through and the provider answers it.
+
 Responses (capture side)
 ------------------------
 A reply becomes a `CapturedReply` whose `message` is the assistant message exactly as the next
@@ -40,7 +46,7 @@ from typing import Any
 import orjson
 
 from extproc.tokens import count_reply
-from store.model import Message, Usage
+from store.model import Message, Turn, Usage
 
 # --- responses ---
 
@@ -325,3 +331,83 @@ def parse_chat_json(body: bytes, prompt_tokens_estimate: int) -> CapturedReply:
         error=error,
         model=model,
     )
+
+
+# --- requests ---
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+class RequestError(ValueError):
+    """The body is not a chat request we can add memory to; the request passes through."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    body: dict[str, Any]
+    system_messages: tuple[Message, ...]  # the request's leading system/developer messages
+    new_messages: tuple[Message, ...]  # everything after them: what this turn adds
+    model: str
+    stream: bool
+
+
+def parse_request(raw: bytes) -> ChatRequest:
+    if not raw:
+        raise RequestError("empty body")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError("body is not a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("`messages` is missing or empty")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise RequestError("every message needs a string `role`")
+    split = 0
+    while split < len(messages) and messages[split]["role"] in SYSTEM_ROLES:
+        split += 1
+    model = body.get("model")
+    return ChatRequest(
+        body=body,
+        system_messages=tuple(messages[:split]),
+        new_messages=tuple(messages[split:]),
+        model=model if isinstance(model, str) else "",
+        stream=body.get("stream") is True,
+    )
+
+
+def pinned_system(history: list[Turn]) -> tuple[Message, ...]:
+    """The most recent system prompt the session was given."""
+    for turn in reversed(history):
+        if turn.system_messages:
+            return turn.system_messages
+    return ()
+
+
+def build_body(
+    request: ChatRequest, history: list[Turn], max_bytes: int
+) -> tuple[bytes, int]:
+    """System prompt (the request's own, else the pinned one), then history, then new messages.
+
+    Returns the body and how many of the oldest turns were left out so it stays within
+    `max_bytes` (Envoy's buffer limit for the rewritten request).
+    """
+    system = request.system_messages or pinned_system(history)
+    body = dict(request.body)
+    body["messages"] = [*system, *request.new_messages]
+    base = len(orjson.dumps(body))
+    # Each turn adds its messages plus a separating comma per message.
+    sizes = [len(orjson.dumps(turn.messages())) for turn in history]
+    budget, skip = max_bytes - base, 0
+    total = sum(sizes)
+    while skip < len(history) and total > budget:
+        total -= sizes[skip]
+        skip += 1
+    messages: list[Message] = list(system)
+    for turn in history[skip:]:
+        messages.extend(turn.messages())
+    messages.extend(request.new_messages)
+    body["messages"] = messages
+    return orjson.dumps(body), skip

@@ -1,0 +1,122 @@
+"""One mock provider and one `sessiongate up` (real Envoy, TLS) per test session."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.procs import Proc, start
+
+MAX_BODY = 256 * 1024
+
+
+@dataclass
+class Mock:
+    proc: Proc
+    url: str  # http://127.0.0.1:PORT
+
+    def requests(self) -> list[dict[str, Any]]:
+        reply = httpx.get(f"{self.url}/_mock/requests", timeout=5)
+        reply.raise_for_status()
+        data: list[dict[str, Any]] = reply.json()
+        return data
+
+    def request_with(self, marker: str) -> dict[str, Any]:
+        """The last chat request whose newest message contains `marker`."""
+        for request in reversed(self.requests()):
+            body = request.get("body")
+            if isinstance(body, dict) and marker in json.dumps(body.get("messages", [])[-1:]):
+                return request
+        raise AssertionError(f"the provider never received {marker!r}")
+
+
+@dataclass
+class Gateway:
+    proc: Proc
+    base_url: str
+    state_dir: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.state_dir / "tls" / "ca.pem"
+
+    @property
+    def admin(self) -> str:
+        return "http://" + (self.state_dir / "envoy-admin-address").read_text().strip()
+
+    def stats(self, prefix: str = "http.llm.ext_proc") -> dict[str, int]:
+        text = httpx.get(f"{self.admin}/stats", params={"filter": prefix}, timeout=5).text
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name] = int(value)
+        return out
+
+    def client(self, session: str | None = None, api_key: str = "sk-test-1",
+               **kw: Any) -> openai.OpenAI:
+        headers = {"x-session-id": session} if session else {}
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=20,
+            default_headers=headers, http_client=openai.DefaultHttpxClient(verify=str(self.ca)),
+            **kw,
+        )
+
+    def async_client(self, session: str | None = None, api_key: str = "sk-test-1"
+                     ) -> openai.AsyncOpenAI:
+        headers = {"x-session-id": session} if session else {}
+        return openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=20,
+            default_headers=headers,
+            http_client=openai.DefaultAsyncHttpxClient(verify=str(self.ca)),
+        )
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, verify=str(self.ca), timeout=20)
+
+
+def start_mock(directory: Path) -> Mock:
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = start(["mock-llm", "--port", "0"], directory / "mock.log")
+    return Mock(proc, proc.ready.split()[-1])
+
+
+def start_gateway(directory: Path, upstream: str, *extra: str) -> Gateway:
+    directory.mkdir(parents=True, exist_ok=True)
+    proc = start(
+        ["up", "--upstream", upstream, "--listen", "127.0.0.1:0", "--state-dir", str(directory),
+         "--max-body-bytes", str(MAX_BODY), *extra],
+        directory / "gateway.log",
+    )
+    return Gateway(proc, proc.ready.split()[1], directory)
+
+
+@pytest.fixture(scope="session")
+def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mock]:
+    m = start_mock(tmp_path_factory.mktemp("mock"))
+    yield m
+    m.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    g = start_gateway(tmp_path_factory.mktemp("gateway"), mock.url)
+    yield g
+    assert g.proc.stop() == 0, g.proc.log()
+
+
+@pytest.fixture
+def session_id() -> str:
+    return "s-" + uuid.uuid4().hex[:12]
+
+
+def marker() -> str:
+    return "m" + uuid.uuid4().hex[:10]
