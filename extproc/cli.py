@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -32,10 +31,20 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
     add("--redis-url", help="Redis warm tier (redis://, rediss://)")
     add("--session-header", help="request header carrying the session id")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--fail-open", dest="fail_open", action="store_const", const=True,
-                      help="if memory cannot be loaded, forward the request without it")
-    mode.add_argument("--fail-closed", dest="fail_open", action="store_const", const=False,
-                      help="if memory cannot be loaded, answer 503")
+    mode.add_argument(
+        "--fail-open",
+        dest="fail_open",
+        action="store_const",
+        const=True,
+        help="if memory cannot be loaded, forward the request without it",
+    )
+    mode.add_argument(
+        "--fail-closed",
+        dest="fail_open",
+        action="store_const",
+        const=False,
+        help="if memory cannot be loaded, answer 503",
+    )
     add("--max-body-bytes", type=int, help="largest request body accepted")
     add("--log-level", help="debug, info, warning, error")
 
@@ -50,7 +59,8 @@ def _settings(args: argparse.Namespace, **defaults: Any) -> Settings:
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=level.upper(), stream=sys.stderr,
+        level=level.upper(),
+        stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 

@@ -24,6 +24,7 @@ REWRITE_FILTER = "sessiongate.rewrite"
 CAPTURE_FILTER = "sessiongate.capture"
 CHAT_PATH = "/v1/chat/completions"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -254,9 +255,7 @@ def http_connection_manager(settings: Settings, upstream: Upstream) -> dict[str,
                 capture_filter(),
                 {
                     "name": "envoy.filters.http.router",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-                    },
+                    "typed_config": {"@type": f"{_ROUTER}.Router"},
                 },
             ],
         },
@@ -315,8 +314,9 @@ def upstream_cluster(upstream: Upstream, ca_file: Path | None) -> dict[str, Any]
             "endpoints": [{"lb_endpoints": [_endpoint(upstream.host, upstream.port)]}],
         },
         "circuit_breakers": {
-            "thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
-                            "max_requests": 10000}]
+            "thresholds": [
+                {"max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000}
+            ]
         },
     }
     if upstream.scheme == "https":
@@ -385,9 +385,15 @@ def bootstrap(
                     "name": "llm",
                     "address": _socket_address(host, port),
                     "per_connection_buffer_limit_bytes": 1024 * 1024,
+                    # Envoy's default SO_REUSEPORT would let a second gateway silently share
+                    # (and split the traffic of) a port that is already taken.
+                    "enable_reuse_port": False,
                     "filter_chains": [chain],
                 }
             ],
-            "clusters": [ext_proc_cluster(grpc_endpoints), upstream_cluster(upstream, settings.upstream_ca_file)],
+            "clusters": [
+                ext_proc_cluster(grpc_endpoints),
+                upstream_cluster(upstream, settings.upstream_ca_file),
+            ],
         },
     }

@@ -9,7 +9,10 @@ import orjson
 
 
 def openai_error(
-    message: str, *, type_: str = "invalid_request_error", code: str | None = None,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    code: str | None = None,
     param: str | None = None,
 ) -> bytes:
     return orjson.dumps(

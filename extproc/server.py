@@ -31,13 +31,15 @@ GRPC_RECEIVE_FLOOR_BYTES = 64 * 1024 * 1024
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, rewriter: Rewriter, store: SessionStore, metrics: Metrics, settings: Settings):
+    def __init__(
+        self, rewriter: Rewriter, store: SessionStore, metrics: Metrics, settings: Settings
+    ):
         self.rewriter = rewriter
         self.store = store
         self.metrics = metrics
         self.settings = settings
 
-    async def Process(  # noqa: N802 - the gRPC method name
+    async def Process(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         first = await anext(aiter(request_iterator), None)
@@ -75,9 +77,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             if not stream.on_response_headers(first):
                 return
             async for request in requests:
-                if request.WhichOneof("request") == "response_body":
-                    if not stream.on_response_body(request):
-                        return
+                is_body = request.WhichOneof("request") == "response_body"
+                if is_body and not stream.on_response_body(request):
+                    return
         finally:
             stream.on_stream_end()
 

@@ -73,12 +73,18 @@ class EnvoyProcess:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         self.admin_path.unlink(missing_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "extproc.pdeathsig", str(os.getpid()),
+            sys.executable,
+            "-m",
+            "extproc.pdeathsig",
+            str(os.getpid()),
             envoy_binary(),
-            "-c", str(self.config_path),
-            "--admin-address-path", str(self.admin_path),
+            "-c",
+            str(self.config_path),
+            "--admin-address-path",
+            str(self.admin_path),
             "--disable-hot-restart",  # several Envoys may share this machine
-            "--log-level", "warn" if log_level != "debug" else "info",
+            "--log-level",
+            "warn" if log_level != "debug" else "info",
             stdin=asyncio.subprocess.DEVNULL,
         )
 

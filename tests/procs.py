@@ -33,13 +33,18 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def start(args: list[str], log_path: Path, *, timeout: float = 30, env: dict[str, str] | None = None
-          ) -> Proc:
+def start(
+    args: list[str], log_path: Path, *, timeout: float = 30, env: dict[str, str] | None = None
+) -> Proc:
     """Run `sessiongate ARGS...`; stderr goes to log_path; wait for the `ready` line on stdout."""
     cmd = [sys.executable, "-m", "extproc.cli", *args]
     stderr = open(log_path, "a")  # noqa: SIM115 - kept open for the process's lifetime
     popen = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        text=True,
         env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + timeout

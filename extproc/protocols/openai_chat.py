@@ -386,9 +386,7 @@ def pinned_system(history: list[Turn]) -> tuple[Message, ...]:
     return ()
 
 
-def build_body(
-    request: ChatRequest, history: list[Turn], max_bytes: int
-) -> tuple[bytes, int]:
+def build_body(request: ChatRequest, history: list[Turn], max_bytes: int) -> tuple[bytes, int]:
     """System prompt (the request's own, else the pinned one), then history, then new messages.
 
     Returns the body and how many of the oldest turns were left out so it stays within

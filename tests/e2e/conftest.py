@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class Gateway:
     def admin(self) -> str:
         return "http://" + (self.state_dir / "envoy-admin-address").read_text().strip()
 
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
     def stats(self, prefix: str = "http.llm.ext_proc") -> dict[str, int]:
         text = httpx.get(f"{self.admin}/stats", params={"filter": prefix}, timeout=5).text
         out = {}
@@ -61,26 +65,35 @@ class Gateway:
                 out[name] = int(value)
         return out
 
-    def client(self, session: str | None = None, api_key: str = "sk-test-1",
-               **kw: Any) -> openai.OpenAI:
+    def client(
+        self, session: str | None = None, api_key: str = "sk-test-1", **kw: Any
+    ) -> openai.OpenAI:
         headers = {"x-session-id": session} if session else {}
         return openai.OpenAI(
-            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=20,
-            default_headers=headers, http_client=openai.DefaultHttpxClient(verify=str(self.ca)),
+            base_url=self.base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=20,
+            default_headers=headers,
+            http_client=openai.DefaultHttpxClient(verify=self.ssl_context()),
             **kw,
         )
 
-    def async_client(self, session: str | None = None, api_key: str = "sk-test-1"
-                     ) -> openai.AsyncOpenAI:
+    def async_client(
+        self, session: str | None = None, api_key: str = "sk-test-1"
+    ) -> openai.AsyncOpenAI:
         headers = {"x-session-id": session} if session else {}
         return openai.AsyncOpenAI(
-            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=20,
+            base_url=self.base_url,
+            api_key=api_key,
+            max_retries=0,
+            timeout=20,
             default_headers=headers,
-            http_client=openai.DefaultAsyncHttpxClient(verify=str(self.ca)),
+            http_client=openai.DefaultAsyncHttpxClient(verify=self.ssl_context()),
         )
 
     def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, verify=str(self.ca), timeout=20)
+        return httpx.Client(base_url=self.base_url, verify=self.ssl_context(), timeout=20)
 
 
 def start_mock(directory: Path) -> Mock:
@@ -92,8 +105,18 @@ def start_mock(directory: Path) -> Mock:
 def start_gateway(directory: Path, upstream: str, *extra: str) -> Gateway:
     directory.mkdir(parents=True, exist_ok=True)
     proc = start(
-        ["up", "--upstream", upstream, "--listen", "127.0.0.1:0", "--state-dir", str(directory),
-         "--max-body-bytes", str(MAX_BODY), *extra],
+        [
+            "up",
+            "--upstream",
+            upstream,
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            str(directory),
+            "--max-body-bytes",
+            str(MAX_BODY),
+            *extra,
+        ],
         directory / "gateway.log",
     )
     return Gateway(proc, proc.ready.split()[1], directory)

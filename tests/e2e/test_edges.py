@@ -29,26 +29,37 @@ def chat_body(text: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "bad_id", ["", "has space", "x" * 129, "semi;colon", "ünï", "a/b", "%2e%2e"]
+    "bad_id",
+    ["", "has space", "x" * 129, "semi;colon", "ünï".encode(), "a/b", "%2e%2e"],
 )
-def test_invalid_session_id_gets_400_in_openai_shape(gateway: Gateway, bad_id: str) -> None:
-    client = gateway.client()
+def test_invalid_session_id_gets_400_in_openai_shape(gateway: Gateway, bad_id: str | bytes) -> None:
+    reply = gateway.http().post(
+        "/chat/completions",
+        json=chat_body("hi"),
+        headers={"authorization": "Bearer sk-test-1", "x-session-id": bad_id},
+    )
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_session_id"
+    assert "x-session-id" in error["message"]
+
+
+def test_invalid_session_id_is_a_typed_sdk_error(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(
-            model="m", messages=[user("hi")], extra_headers={"x-session-id": bad_id}
-        )
-    assert err.value.status_code == 400
+        gateway.client("not valid!").chat.completions.create(model="m", messages=[user("hi")])
+    assert err.value.code == "invalid_session_id"
     assert "x-session-id" in err.value.message
-    body = err.value.body
-    assert isinstance(body, dict) and body["type"] == "invalid_request_error"
 
 
 def test_body_just_under_the_limit_passes_and_just_over_gets_413(
     gateway: Gateway, mock: Mock, session_id: str
 ) -> None:
     http = gateway.http()
-    headers = {"authorization": "Bearer sk-test-1", "x-session-id": session_id,
-               "content-type": "application/json"}
+    headers = {
+        "authorization": "Bearer sk-test-1",
+        "x-session-id": session_id,
+        "content-type": "application/json",
+    }
     envelope = len(httpx.Request("POST", "/", json=chat_body("")).content)
     mark = marker()
     under = chat_body(mark + "a" * (MAX_BODY - envelope - len(mark)))
@@ -82,8 +93,11 @@ def test_unparseable_requests_pass_through_to_the_provider(
     gateway: Gateway, mock: Mock, session_id: str, content: bytes, content_type: str
 ) -> None:
     http = gateway.http()
-    headers = {"authorization": "Bearer sk-test-1", "x-session-id": session_id,
-               "content-type": content_type}
+    headers = {
+        "authorization": "Bearer sk-test-1",
+        "x-session-id": session_id,
+        "content-type": content_type,
+    }
     reply = http.post("/chat/completions", content=content, headers=headers)
     # The provider's own answer reaches the client: the mock rejects these with a 400.
     assert reply.status_code == 400
@@ -114,15 +128,17 @@ def test_requests_without_session_or_identity_cost_nothing(gateway: Gateway, moc
     # A session but no credential: one headers message, then the body is skipped.
     http = gateway.http()
     sent_before = after["http.llm.ext_proc.rewrite.stream_msgs_sent"]
-    reply = http.post("/chat/completions", json=chat_body(marker()),
-                      headers={"x-session-id": "anon-1"})
+    reply = http.post(
+        "/chat/completions", json=chat_body(marker()), headers={"x-session-id": "anon-1"}
+    )
     assert reply.status_code == 200
     final = _ext_proc_stats(gateway)
     assert final["http.llm.ext_proc.rewrite.stream_msgs_sent"] - sent_before == 1
 
 
-def test_session_header_is_removed_before_the_provider(gateway: Gateway, mock: Mock,
-                                                       session_id: str) -> None:
+def test_session_header_is_removed_before_the_provider(
+    gateway: Gateway, mock: Mock, session_id: str
+) -> None:
     mark = marker()
     gateway.client(session_id).chat.completions.create(model="m", messages=[user(mark)])
     headers = mock.request_with(mark)["headers"]
@@ -179,29 +195,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_envoy(admin_file: Path) -> str:
+    """Wait for /ready LIVE; return the base URL of the `llm` listener."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        address = admin_file.read_text().strip() if admin_file.exists() else ""
+        if address:
+            try:
+                if httpx.get(f"http://{address}/ready").text.strip() == "LIVE":
+                    listeners = httpx.get(f"http://{address}/listeners?format=json").json()
+                    socket_address = listeners["listener_statuses"][0]["local_address"]
+                    return f"http://127.0.0.1:{socket_address['socket_address']['port_value']}/v1"
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.05)
+    raise AssertionError("envoy did not become ready")
+
+
 def _run_envoy(config: dict[str, Any], directory: Path) -> Iterator[str]:
     directory.mkdir(parents=True, exist_ok=True)
     path, admin_file = directory / "envoy.yaml", directory / "admin"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen(
-        [envoy_binary(), "-c", str(path), "--admin-address-path", str(admin_file),
-         "--disable-hot-restart", "--log-level", "error"],
-        stderr=open(directory / "envoy.log", "w"),  # noqa: SIM115
-    )
+    with open(directory / "envoy.log", "w") as log:
+        proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(path), "--admin-address-path", str(admin_file),
+             "--disable-hot-restart", "--log-level", "error"],
+            stderr=log,
+        )
     try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if admin_file.exists() and admin_file.read_text().strip():
-                admin = "http://" + admin_file.read_text().strip()
-                try:
-                    if httpx.get(f"{admin}/ready").text.strip() == "LIVE":
-                        break
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.05)
-        listeners = httpx.get(f"{admin}/listeners?format=json").json()["listener_statuses"]
-        port = listeners[0]["local_address"]["socket_address"]["port_value"]
-        yield f"http://127.0.0.1:{port}/v1"
+        yield _wait_envoy(admin_file)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -209,12 +231,22 @@ def _run_envoy(config: dict[str, Any], directory: Path) -> Iterator[str]:
 
 @pytest.mark.parametrize("fail_open", [True, False])
 def test_dead_ext_proc_server(mock: Mock, tmp_path: Path, fail_open: bool) -> None:
-    settings = Settings(upstream=mock.url, listen="127.0.0.1:0", fail_open=fail_open,
-                        message_timeout_ms=500, pending_wait_ms=100)
+    settings = Settings(
+        upstream=mock.url,
+        listen="127.0.0.1:0",
+        fail_open=fail_open,
+        message_timeout_ms=500,
+        pending_wait_ms=100,
+    )
     config = bootstrap(settings, [("127.0.0.1", _free_port())], None)
     for base_url in _run_envoy(config, tmp_path):
-        client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=10,
-                               default_headers={"x-session-id": "dead-1"})
+        client = openai.OpenAI(
+            base_url=base_url,
+            api_key="k",
+            max_retries=0,
+            timeout=10,
+            default_headers={"x-session-id": "dead-1"},
+        )
         mark = marker()
         if fail_open:
             answer = client.chat.completions.create(model="m", messages=[user(mark)])

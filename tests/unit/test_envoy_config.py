@@ -14,27 +14,42 @@ from extproc.envoy_config import CAPTURE_FILTER, REWRITE_FILTER, Upstream, boots
 from extproc.supervisor import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[2]
-SIDECAR_COMMAND = [
-    "envoy-config", "--no-tls", "--listen", "127.0.0.1:10000", "--grpc-listen",
-    "127.0.0.1:50051", "--upstream", "https://api.openai.com", "--upstream-ca-file",
-    "/etc/ssl/certs/ca-certificates.crt",
-]
+SHIPPED = {"sidecar.yaml": "127.0.0.1:10000", "compose.yaml": "0.0.0.0:10000"}
+
+
+def generator_command(listen: str) -> list[str]:
+    return [
+        *("envoy-config", "--no-tls", "--listen", listen, "--grpc-listen", "127.0.0.1:50051"),
+        *("--upstream", "https://api.openai.com"),
+        *("--upstream-ca-file", "/etc/ssl/certs/ca-certificates.crt"),
+    ]
 
 
 def validate(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart",
-         "--log-level", "error"],
-        capture_output=True, text=True, timeout=60,
+        [
+            envoy_binary(),
+            "--mode",
+            "validate",
+            "-c",
+            str(path),
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
-def test_shipped_sidecar_config_is_what_the_generator_prints(
-    capsys: pytest.CaptureFixture[str],
+@pytest.mark.parametrize(("name", "listen"), SHIPPED.items())
+def test_shipped_configs_are_what_the_generator_prints(
+    capsys: pytest.CaptureFixture[str], name: str, listen: str
 ) -> None:
-    assert main(SIDECAR_COMMAND) == 0
+    assert main(generator_command(listen)) == 0
     generated = capsys.readouterr().out
-    shipped = (ROOT / "envoy" / "sidecar.yaml").read_text()
+    shipped = (ROOT / "envoy" / name).read_text()
     assert yaml.safe_load(shipped) == yaml.safe_load(generated)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -28,7 +29,7 @@ def feed_all(chunks: list[bytes], decoder: SSEDecoder | None = None) -> list[SSE
 
 def split_at(raw: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(cuts), len(raw)]
-    return [raw[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [raw[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def reference_parse(raw: bytes) -> list[SSEEvent]:
@@ -69,7 +70,7 @@ def reference_parse(raw: bytes) -> list[SSEEvent]:
 _endings = st.sampled_from([b"\n", b"\r", b"\r\n"])
 _value_chars = st.one_of(
     st.sampled_from(list("ab :é😀\0 7")),
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"),
+    st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"),
 )
 _values = st.text(alphabet=_value_chars, max_size=10)
 _names = st.sampled_from(["data"] * 4 + ["event", "id", "retry", "", "Data", "dat", "x"])
