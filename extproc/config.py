@@ -21,7 +21,7 @@ import platformdirs
 CONFIG_VERSION = 1
 ENV_PREFIX = "SESSIONGATE_"
 
-_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 IDENTITY_SOURCES = ("jwt", "mtls", "api-key")
 
 
@@ -112,7 +112,11 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError("not an integer")
             return int(value)
         if kind.startswith("Path"):
-            return None if value in (None, "") else Path(str(value)).expanduser()
+            if value in (None, ""):
+                if kind == "Path":
+                    raise ValueError("a path is required")
+                return None
+            return Path(str(value)).expanduser()
         if kind.startswith("tuple"):
             items = value if isinstance(value, list | tuple) else str(value).split(",")
             return tuple(str(i).strip() for i in items if str(i).strip())
@@ -131,7 +135,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     version = data.pop("version", None)
-    if version != CONFIG_VERSION:
+    if type(version) is not int or version != CONFIG_VERSION:
         raise ConfigError(f"{path}: `version = {CONFIG_VERSION}` is required (found {version!r})")
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
@@ -184,7 +188,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("upstream: a query string or fragment is not allowed")
     split_host_port(s.listen, "listen")
     split_host_port(s.grpc_listen, "grpc_listen")
-    if not _HEADER_NAME.match(s.session_header) or s.session_header.startswith(":"):
+    if not _HEADER_NAME.fullmatch(s.session_header):
         raise ConfigError(f"session_header: not a lower-case header name: {s.session_header!r}")
     unknown = set(s.identity_sources) - set(IDENTITY_SOURCES)
     if unknown or not s.identity_sources:

@@ -284,7 +284,8 @@ class SQLiteBackend:
         """Group commit: give more rows until `commit_interval_ms` after the oldest one to
         arrive, unless a full batch is already waiting or someone is flushing."""
         self._wake.clear()
-        if self._flush_waiters or self._queue.qsize() + 1 >= self._batch_max:
+        flushing = any(not waiter.done() for _, waiter in self._flush_waiters)
+        if flushing or self._queue.qsize() + 1 >= self._batch_max:
             return
         remaining = first.queued_at + self._interval_s - asyncio.get_running_loop().time()
         if remaining <= 0:

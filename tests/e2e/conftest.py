@@ -96,9 +96,9 @@ class Gateway:
         return httpx.Client(base_url=self.base_url, verify=self.ssl_context(), timeout=20)
 
 
-def start_mock(directory: Path) -> Mock:
+def start_mock(directory: Path, *extra: str) -> Mock:
     directory.mkdir(parents=True, exist_ok=True)
-    proc = start(["mock-llm", "--port", "0"], directory / "mock.log")
+    proc = start(["mock-llm", "--port", "0", *extra], directory / "mock.log")
     return Mock(proc, proc.ready.split()[-1])
 
 

@@ -218,8 +218,16 @@ def _run_envoy(config: dict[str, Any], directory: Path) -> Iterator[str]:
     path.write_text(yaml.safe_dump(config))
     with open(directory / "envoy.log", "w") as log:
         proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(path), "--admin-address-path", str(admin_file),
-             "--disable-hot-restart", "--log-level", "error"],
+            [
+                envoy_binary(),
+                "-c",
+                str(path),
+                "--admin-address-path",
+                str(admin_file),
+                "--disable-hot-restart",
+                "--log-level",
+                "error",
+            ],
             stderr=log,
         )
     try:

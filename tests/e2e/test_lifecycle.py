@@ -38,8 +38,12 @@ def envoy_pids_for(state_dir: Path) -> list[int]:
 def wait_gone(pids: list[int], timeout: float = 10) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        alive = [p for p in pids if Path(f"/proc/{p}").exists()
-                 and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+        alive = [
+            p
+            for p in pids
+            if Path(f"/proc/{p}").exists()
+            and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+        ]
         if not alive:
             return True
         time.sleep(0.05)
@@ -87,8 +91,19 @@ def test_listen_port_in_use_fails_clearly(mock: Mock, tmp_path: Path) -> None:
     try:
         port = first.base_url.rsplit(":", 1)[1].split("/")[0]
         with pytest.raises(RuntimeError, match="exited"):
-            start(["up", "--upstream", mock.url, "--listen", f"127.0.0.1:{port}",
-                   "--state-dir", str(tmp_path / "b")], tmp_path / "b.log", timeout=30)
+            start(
+                [
+                    "up",
+                    "--upstream",
+                    mock.url,
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--state-dir",
+                    str(tmp_path / "b"),
+                ],
+                tmp_path / "b.log",
+                timeout=30,
+            )
     finally:
         assert first.proc.stop() == 0
 
@@ -105,7 +120,9 @@ def test_config_check_reports_bad_settings(tmp_path: Path) -> None:
     env = {**os.environ, "SESSIONGATE_SESSION_HEADER": "x-conversation"}
     result = subprocess.run(
         ["sessiongate", "config", "check", "--config", str(good), "--fail-open"],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)  # JSON is YAML
@@ -116,7 +133,9 @@ def test_config_check_reports_bad_settings(tmp_path: Path) -> None:
 def test_serve_requires_its_hmac_key(tmp_path: Path) -> None:
     result = subprocess.run(
         ["sessiongate", "serve", "--state-dir", str(tmp_path), "--grpc-listen", "127.0.0.1:0"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "hmac" in result.stderr.lower()
@@ -127,23 +146,46 @@ def test_serve_behind_a_plain_envoy(mock: Mock, tmp_path: Path) -> None:
     key = tmp_path / "hmac.key"
     key.write_text("k" * 64)
     key.chmod(0o600)
-    serve = start(["serve", "--state-dir", str(tmp_path), "--grpc-listen", "127.0.0.1:0",
-                   "--hmac-key-file", str(key)], tmp_path / "serve.log")
+    serve = start(
+        [
+            "serve",
+            "--state-dir",
+            str(tmp_path),
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--hmac-key-file",
+            str(key),
+        ],
+        tmp_path / "serve.log",
+    )
     port = int(serve.ready.rsplit(":", 1)[1])
     settings = Settings(upstream=mock.url, listen="127.0.0.1:0", tls=False)
     config_path = tmp_path / "envoy.yaml"
     config_path.write_text(yaml.safe_dump(bootstrap(settings, [("127.0.0.1", port)], None)))
     admin_file = tmp_path / "admin"
     envoy = subprocess.Popen(
-        [envoy_binary(), "-c", str(config_path), "--admin-address-path", str(admin_file),
-         "--disable-hot-restart", "--log-level", "error"]
+        [
+            envoy_binary(),
+            "-c",
+            str(config_path),
+            "--admin-address-path",
+            str(admin_file),
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+        ]
     )
     try:
         from tests.e2e.test_edges import _wait_envoy
 
         base_url = _wait_envoy(admin_file)
-        client = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0, timeout=10,
-                               default_headers={"x-session-id": "mesh-1"})
+        client = openai.OpenAI(
+            base_url=base_url,
+            api_key="k",
+            max_retries=0,
+            timeout=10,
+            default_headers={"x-session-id": "mesh-1"},
+        )
         first, second = marker(), marker()
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": first}])
         answer = client.chat.completions.create(
