@@ -47,6 +47,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
     )
     add("--max-body-bytes", type=int, help="largest request body accepted")
     add("--log-level", help="debug, info, warning, error")
+    add("--metrics-listen", help="HOST:PORT serving /metrics and /stats (loopback advised)")
 
 
 _NOT_SETTINGS = {"command", "config", "func", "config_command"}

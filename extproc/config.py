@@ -62,6 +62,7 @@ class Settings:
     hot_max_bytes: int = 256 * 1024 * 1024
     commit_interval_ms: int = 20
     log_level: str = "info"
+    metrics_listen: str = ""  # HOST:PORT for /metrics and /stats; empty: off
     # Fault injection for tests: hold each captured turn this long before handing it over.
     debug_capture_delay_ms: int = 0
 
@@ -188,6 +189,8 @@ def validate(s: Settings) -> None:
         raise ConfigError("upstream: a query string or fragment is not allowed")
     split_host_port(s.listen, "listen")
     split_host_port(s.grpc_listen, "grpc_listen")
+    if s.metrics_listen:
+        split_host_port(s.metrics_listen, "metrics_listen")
     if not _HEADER_NAME.fullmatch(s.session_header):
         raise ConfigError(f"session_header: not a lower-case header name: {s.session_header!r}")
     unknown = set(s.identity_sources) - set(IDENTITY_SOURCES)

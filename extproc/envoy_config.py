@@ -115,7 +115,10 @@ def capture_filter() -> dict[str, Any]:
             "grpc_service": _ext_proc_grpc_service(30),
             "failure_mode_allow": True,
             "observability_mode": True,
-            "deferred_close_timeout": "5s",
+            # After the HTTP stream ends Envoy keeps the observed stream open this long so queued
+            # messages still arrive; short, so an aborted reply is abandoned (and a waiting next
+            # turn released) quickly. Loopback gRPC needs milliseconds.
+            "deferred_close_timeout": "1s",
             "processing_mode": {
                 "request_header_mode": "SKIP",
                 "response_header_mode": "SEND",

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from aiohttp import web
 
 from extproc.config import Settings
 from extproc.identity import IdentityResolver, load_hmac_key
 from extproc.metrics import Metrics
+from extproc.metrics_http import start_metrics_http
 from extproc.rewrite import Rewriter
 from extproc.server import drain, start_grpc_server
 from store import SessionStore, open_store
@@ -29,9 +31,16 @@ class ExtProcService:
     server: grpc.aio.Server
     health: Any
     port: int
+    metrics_runner: web.AppRunner | None = None
+    metrics_port: int | None = None
+
+    def counters(self) -> dict[str, int]:
+        return {**self.metrics.snapshot(), **{f"store.{k}": v for k, v in self.store.stats.items()}}
 
     async def stop(self) -> None:
         await drain(self.server, self.health)
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
         await self.store.close()
         log.info("stopped; counters: %s", self.metrics.snapshot())
 
@@ -60,4 +69,9 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
     except BaseException:
         await store.close()
         raise
-    return ExtProcService(settings, store, metrics, server, health, port)
+    service = ExtProcService(settings, store, metrics, server, health, port)
+    if settings.metrics_listen:
+        service.metrics_runner, service.metrics_port = await start_metrics_http(
+            settings.metrics_listen, service.counters
+        )
+    return service

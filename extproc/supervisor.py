@@ -155,7 +155,7 @@ async def run_up(settings: Settings) -> int:
         host = settings.listen.rpartition(":")[0].strip("[]")
         scheme = "https" if tls else "http"
         url = f"{scheme}://{_url_host(host)}:{port}/v1"
-        _print_instructions(url, settings, tls.bundle if tls else None)
+        _print_instructions(url, settings, tls.bundle if tls else None, service.metrics_port)
         print(f"ready {url}", flush=True)
         assert envoy.proc is not None
         envoy_exit = asyncio.ensure_future(envoy.proc.wait())
@@ -181,10 +181,20 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _print_instructions(url: str, settings: Settings, bundle: Path | None) -> None:
+def _print_instructions(
+    url: str, settings: Settings, bundle: Path | None, metrics_port: int | None
+) -> None:
     lines = [
         f"sessiongate: state directory {settings.state_dir}",
         f"sessiongate: upstream {settings.upstream}",
+        *(
+            [
+                f"sessiongate: counters at http://{settings.metrics_listen.rpartition(':')[0]}:"
+                f"{metrics_port}/metrics"
+            ]
+            if metrics_port
+            else []
+        ),
         f"sessiongate: point your SDK at {url} and send the header "
         f"`{settings.session_header}: <session id>`",
     ]

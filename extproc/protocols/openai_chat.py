@@ -40,6 +40,8 @@ Streamed tool calls are merged by `index` as the official SDK does, except that 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,8 +357,8 @@ def parse_request(raw: bytes) -> ChatRequest:
     if not raw:
         raise RequestError("empty body")
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        body = _loads(raw)
+    except ValueError as exc:  # orjson.JSONDecodeError and json.JSONDecodeError alike
         raise RequestError(f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError("body is not a JSON object")
@@ -395,9 +397,10 @@ def build_body(request: ChatRequest, history: list[Turn], max_bytes: int) -> tup
     system = request.system_messages or pinned_system(history)
     body = dict(request.body)
     body["messages"] = [*system, *request.new_messages]
-    base = len(orjson.dumps(body))
-    # Each turn adds its messages plus a separating comma per message.
-    sizes = [len(orjson.dumps(turn.messages())) for turn in history]
+    base = len(_dumps(body))
+    # Spliced into a non-empty list, a turn adds its messages and one comma each: its own
+    # encoding minus the brackets, plus one comma (k messages: k-1 inner commas + 1).
+    sizes = [len(orjson.dumps(turn.messages())) - 1 for turn in history]
     budget, skip = max_bytes - base, 0
     total = sum(sizes)
     while skip < len(history) and total > budget:
@@ -408,4 +411,23 @@ def build_body(request: ChatRequest, history: list[Turn], max_bytes: int) -> tup
         messages.extend(turn.messages())
     messages.extend(request.new_messages)
     body["messages"] = messages
-    return orjson.dumps(body), skip
+    return _dumps(body), skip
+
+
+# orjson reads integers beyond 64 bits as floats, which would change a field like `seed` on
+# its way upstream. Bodies with a run of 19+ digits (rare: a C-speed scan finds them) take the
+# exact stdlib path instead.
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def _loads(raw: bytes) -> Any:
+    if _LONG_DIGITS.search(raw):
+        return json.loads(raw)
+    return orjson.loads(raw)
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # an integer orjson cannot represent: only from the exact path
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import ssl
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,13 @@ class Gateway:
     @property
     def admin(self) -> str:
         return "http://" + (self.state_dir / "envoy-admin-address").read_text().strip()
+
+    def counters(self) -> dict[str, int]:
+        """sessiongate's own counters (`--metrics-listen`), 0 for those never bumped."""
+        log = (self.state_dir / "gateway.log").read_text()
+        url = log.split("counters at ", 1)[1].split()[0].replace("/metrics", "/stats")
+        data: dict[str, int] = httpx.get(url, timeout=5).json()
+        return defaultdict(int, data)
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca))
@@ -115,6 +123,8 @@ def start_gateway(directory: Path, upstream: str, *extra: str) -> Gateway:
             str(directory),
             "--max-body-bytes",
             str(MAX_BODY),
+            "--metrics-listen",
+            "127.0.0.1:0",
             *extra,
         ],
         directory / "gateway.log",

@@ -210,6 +210,7 @@ def test_failed_or_aborted_replies_record_nothing(
     gateway: Gateway, mock: Mock, session_id: str, fault: str
 ) -> None:
     client = gateway.client(session_id)
+    abandoned_before = gateway.counters()["store.abandoned"]
     kept = marker()
     client.chat.completions.create(model="m", messages=[user(kept)])
     lost = marker()
@@ -229,6 +230,7 @@ def test_failed_or_aborted_replies_record_nothing(
     seen = str(received(mock, after))
     assert kept in seen
     assert lost not in seen
+    assert gateway.counters()["store.abandoned"] == abandoned_before + 1
 
 
 def test_read_your_writes_200_turns_back_to_back(
@@ -236,6 +238,7 @@ def test_read_your_writes_200_turns_back_to_back(
 ) -> None:
     """Each request goes out the instant the previous reply ends; every one sees them all."""
     client = gateway.client(session_id)
+    timeouts_before = gateway.counters()["rewrite.pending_wait_timeout"]
     for i in range(200):
         stream = i % 2 == 1
         text = f"{i} {marker()}"
@@ -251,6 +254,8 @@ def test_read_your_writes_200_turns_back_to_back(
             )
         # The mock reports how many messages it received: 2 per earlier turn, plus this one.
         assert answer.endswith(f"[n={2 * i + 1}]"), (i, answer)
+    # Not one of them had to give up waiting for its predecessor.
+    assert gateway.counters()["rewrite.pending_wait_timeout"] == timeouts_before
 
 
 async def test_concurrent_requests_on_one_session_all_land(

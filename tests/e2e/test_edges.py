@@ -156,6 +156,12 @@ def test_slow_capture_is_still_read_before_the_next_turn(mock: Mock, tmp_path: P
         for i in range(5):
             answer = client.chat.completions.create(model="m", messages=[user(marker())])
             assert (answer.choices[0].message.content or "").endswith(f"[n={2 * i + 1}]")
+        assert slow.counters()["rewrite.pending_wait_timeout"] == 0
+        # The last turn lands 300 ms after its reply, like the others did.
+        deadline = time.monotonic() + 5
+        while slow.counters()["store.completed"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slow.counters()["store.completed"] == 5
     finally:
         assert slow.proc.stop() == 0
 

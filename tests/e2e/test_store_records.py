@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from store import Turn, decode_turn
-from tests.e2e.conftest import Gateway, Mock, marker, start_gateway, start_mock
+from tests.e2e.conftest import Gateway, marker, start_gateway, start_mock
 
 
 def stored_turn(db: Path, mark: str, timeout: float = 5) -> Turn:
