@@ -12,7 +12,7 @@ from typing import Any
 
 import uvloop
 
-from extproc.config import ConfigError, Settings, load_settings
+from extproc.config import ConfigError, Settings, load_settings, split_host_port
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> None:
@@ -28,7 +28,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
     add("--state-dir", type=Path, help="SQLite file, local CA, HMAC key, Envoy config")
     add("--hmac-key-file", type=Path, help="file holding the HMAC key for identities")
     add("--sqlite-path", type=Path, help="session database (default <state-dir>/sessions.db)")
-    add("--redis-url", help="Redis warm tier (redis://, rediss://)")
+    add("--redis-url", help="Redis warm tier (redis://, rediss://, redis+cluster://, ...)")
+    add("--postgres-dsn", help="PostgreSQL cold tier shared by replicas (default: SQLite)")
     add("--session-header", help="request header carrying the session id")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
@@ -105,9 +106,12 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     from extproc.envoy_config import bootstrap
 
     settings = _settings(args)
-    host, _, port = settings.grpc_listen.rpartition(":")
+    endpoints = [
+        split_host_port(e, "ext_proc_endpoints")
+        for e in (settings.ext_proc_endpoints or (settings.grpc_listen,))
+    ]
     tls = (Path("/etc/sessiongate/tls/cert.pem"), Path("/etc/sessiongate/tls/key.pem"))
-    config = bootstrap(settings, [(host, int(port) or 50051)], tls if settings.tls else None)
+    config = bootstrap(settings, endpoints, tls if settings.tls else None)
     print(yaml.safe_dump(config, sort_keys=False), end="")
     return 0
 
@@ -138,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     envoy = sub.add_parser("envoy-config", help="print the Envoy config `up` would run")
     _add_settings_flags(envoy, for_up=True)
+    envoy.add_argument(
+        "--ext-proc-endpoints", help="HOST:PORT,... of sessiongate replicas (ring-hashed)"
+    )
     envoy.set_defaults(func=cmd_envoy_config)
     return parser
 

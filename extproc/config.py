@@ -42,11 +42,20 @@ class Settings:
     upstream_ca_file: Path | None = None  # CAs that verify the provider; default: certifi's
     # --- the ext_proc server ---
     grpc_listen: str = "127.0.0.1:50051"
+    # `envoy-config` only: the ext_proc replicas Envoy should call (default: grpc_listen). With
+    # several, the cluster ring-hashes on the session so each session sticks to one replica.
+    ext_proc_endpoints: tuple[str, ...] = ()
     state_dir: Path = field(default_factory=default_state_dir)
     hmac_key_file: Path | None = None  # default: <state_dir>/hmac.key (created by `up` only)
     sqlite_path: Path | None = None  # default: <state_dir>/sessions.db
-    redis_url: str | None = None
+    redis_url: str | None = None  # the warm tier (shared by replicas)
+    redis_prefix: str = "sg"
+    redis_ttl_s: int = 86400  # sliding: idle sessions leave Redis and stay in the cold tier
+    redis_max_turns: int = 2000  # newest turns kept per session in Redis
+    postgres_dsn: str | None = None  # the cold tier shared by replicas; default: SQLite
+    postgres_schema: str = "sessiongate"
     session_header: str = "x-session-id"
+    session_op_header: str = "x-session-op"
     fail_open: bool = True
     allow_anonymous: bool = False
     identity_sources: tuple[str, ...] = ("jwt", "api-key")  # "mtls" is opt-in
@@ -85,10 +94,11 @@ class Settings:
 
     def redacted(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if self.redis_url:
-            parts = urlsplit(self.redis_url)
-            if parts.password:
-                out["redis_url"] = self.redis_url.replace(f":{parts.password}@", ":***@")
+        for name in ("redis_url", "postgres_dsn"):
+            value = getattr(self, name)
+            parts = urlsplit(value) if value else None
+            if parts is not None and parts.password:
+                out[name] = value.replace(f":{parts.password}@", ":***@")
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
 
@@ -189,15 +199,35 @@ def validate(s: Settings) -> None:
         raise ConfigError("upstream: a query string or fragment is not allowed")
     split_host_port(s.listen, "listen")
     split_host_port(s.grpc_listen, "grpc_listen")
+    for endpoint in s.ext_proc_endpoints:
+        split_host_port(endpoint, "ext_proc_endpoints")
     if s.metrics_listen:
         split_host_port(s.metrics_listen, "metrics_listen")
-    if not _HEADER_NAME.fullmatch(s.session_header):
-        raise ConfigError(f"session_header: not a lower-case header name: {s.session_header!r}")
+    for name in ("session_header", "session_op_header"):
+        value = getattr(s, name)
+        if not _HEADER_NAME.fullmatch(value):
+            raise ConfigError(f"{name}: not a lower-case header name: {value!r}")
+    if s.session_header == s.session_op_header:
+        raise ConfigError("session_op_header: must differ from session_header")
     unknown = set(s.identity_sources) - set(IDENTITY_SOURCES)
     if unknown or not s.identity_sources:
         raise ConfigError(f"identity_sources: choose from {', '.join(IDENTITY_SOURCES)}")
-    if s.redis_url and urlsplit(s.redis_url).scheme not in {"redis", "rediss", "unix"}:
-        raise ConfigError("redis_url: expected redis://, rediss:// or unix://")
+    redis_schemes = {
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+        "redis+cluster",
+        "rediss+cluster",
+        "rediss+sentinel",
+    }
+    if s.redis_url and urlsplit(s.redis_url).scheme not in redis_schemes:
+        raise ConfigError(
+            "redis_url: expected redis://, rediss://, unix://, "
+            "redis+sentinel:// or redis+cluster://"
+        )
+    if s.postgres_dsn and urlsplit(s.postgres_dsn).scheme not in {"postgresql", "postgres"}:
+        raise ConfigError("postgres_dsn: expected postgresql://")
     if not 1024 <= s.max_body_bytes <= 512 * 1024 * 1024:
         raise ConfigError("max_body_bytes: between 1 KiB and 512 MiB")
     if s.max_upstream_body_bytes and s.max_upstream_body_bytes < s.max_body_bytes:

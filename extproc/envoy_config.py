@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import certifi
 
 from extproc.config import Settings, split_host_port
-from extproc.mutations import METADATA_NAMESPACE, PASS_THROUGH_MODE
+from extproc.mutations import AFFINITY_KEY, METADATA_NAMESPACE, PASS_THROUGH_MODE
 
 EXT_PROC_CLUSTER = "sessiongate_ext_proc"
 UPSTREAM_CLUSTER = "llm_upstream"
@@ -68,15 +68,29 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _ext_proc_grpc_service(timeout_s: float) -> dict[str, Any]:
-    return {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}, "timeout": _duration(timeout_s)}
+AFFINITY_HEADER = "x-sessiongate-affinity"
 
 
-def rewrite_filter(settings: Settings) -> dict[str, Any]:
+def _ext_proc_grpc_service(timeout_s: float, affinity_value: str | None) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER},
+        "timeout": _duration(timeout_s),
+    }
+    if affinity_value is not None:
+        # Session affinity across replicas: the ext_proc cluster ring-hashes this metadata, so
+        # both streams of a session reach the replica whose hot tier holds it.
+        service["initial_metadata"] = [{"key": AFFINITY_HEADER, "value": affinity_value}]
+    return service
+
+
+def rewrite_filter(settings: Settings, affinity: bool = False) -> dict[str, Any]:
     """Blocking: request headers SEND (so headers wait for the rewritten body), body BUFFERED."""
     config: dict[str, Any] = {
         "@type": f"{_EXT_PROC}.ExternalProcessor",
-        "grpc_service": _ext_proc_grpc_service(settings.message_timeout_ms / 1000 + 1),
+        "grpc_service": _ext_proc_grpc_service(
+            settings.message_timeout_ms / 1000 + 1,
+            f"%REQ({settings.session_header})%" if affinity else None,
+        ),
         "failure_mode_allow": settings.fail_open,
         "processing_mode": {
             "request_header_mode": "SEND",
@@ -106,13 +120,18 @@ def rewrite_filter(settings: Settings) -> dict[str, Any]:
     return {"name": REWRITE_FILTER, "typed_config": config}
 
 
-def capture_filter() -> dict[str, Any]:
+def capture_filter(affinity: bool = False) -> dict[str, Any]:
     """Observability mode: Envoy never waits for us, and a capture failure never fails a request."""
     return {
         "name": CAPTURE_FILTER,
         "typed_config": {
             "@type": f"{_EXT_PROC}.ExternalProcessor",
-            "grpc_service": _ext_proc_grpc_service(30),
+            # The session header is gone by the time the reply arrives (removed before the
+            # provider), so capture hashes the same value, left by rewrite in its metadata.
+            "grpc_service": _ext_proc_grpc_service(
+                30,
+                f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{AFFINITY_KEY})%" if affinity else None,
+            ),
             "failure_mode_allow": True,
             "observability_mode": True,
             # After the HTTP stream ends Envoy keeps the observed stream open this long so queued
@@ -235,7 +254,9 @@ def local_reply_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def http_connection_manager(settings: Settings, upstream: Upstream) -> dict[str, Any]:
+def http_connection_manager(
+    settings: Settings, upstream: Upstream, affinity: bool = False
+) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -254,8 +275,8 @@ def http_connection_manager(settings: Settings, upstream: Upstream) -> dict[str,
                 ],
             },
             "http_filters": [
-                rewrite_filter(settings),
-                capture_filter(),
+                rewrite_filter(settings, affinity),
+                capture_filter(affinity),
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": {"@type": f"{_ROUTER}.Router"},
@@ -274,20 +295,21 @@ def _endpoint(host: str, port: int) -> dict[str, Any]:
 
 
 def ext_proc_cluster(grpc_endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
+        "explicit_http_config": {
+            "http2_protocol_options": {"connection_keepalive": {"interval": "30s", "timeout": "5s"}}
+        },
+    }
+    replicated = len(grpc_endpoints) > 1
+    if replicated:
+        options["hash_policy"] = [{"header": {"header_name": AFFINITY_HEADER}}]
     return {
         "name": EXT_PROC_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            _HTTP_OPTIONS: {
-                "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
-                "explicit_http_config": {
-                    "http2_protocol_options": {
-                        "connection_keepalive": {"interval": "30s", "timeout": "5s"}
-                    }
-                },
-            }
-        },
+        **({"lb_policy": "RING_HASH"} if replicated else {}),
+        "typed_extension_protocol_options": {_HTTP_OPTIONS: options},
         # Every HTTP request opens up to two ext_proc streams; the default of 1,024 concurrent
         # requests per cluster would turn load into 500s.
         "circuit_breakers": {
@@ -375,7 +397,8 @@ def bootstrap(
     """The whole Envoy config. `tls_files` = (certificate chain, private key) or None."""
     upstream = Upstream.parse(settings.upstream)
     host, port = split_host_port(settings.listen, "listen")
-    chain: dict[str, Any] = {"filters": [http_connection_manager(settings, upstream)]}
+    affinity = len(grpc_endpoints) > 1
+    chain: dict[str, Any] = {"filters": [http_connection_manager(settings, upstream, affinity)]}
     if tls_files is not None:
         chain["transport_socket"] = downstream_tls(*tls_files)
     return {

@@ -30,6 +30,7 @@ class IdentityError(ValueError):
 class Identity:
     tenant: str
     principal: str
+    scopes: tuple[str, ...] = ()
 
 
 def valid_session_id(value: str) -> bool:
@@ -103,13 +104,17 @@ class IdentityResolver:
                 if credential:
                     principal = "key:" + self._digest("api-key", credential)
             if principal:
-                return Identity(tenant, principal)
+                return Identity(tenant, principal, _scopes(claims) if source == "jwt" else ())
         if self._allow_anonymous:
             return Identity(tenant, "anonymous")
         return None
 
     def session_key(self, identity: Identity, session_id: str) -> str:
         return self._digest("session", identity.tenant, identity.principal, session_id)
+
+    def principal_key(self, identity: Identity) -> str:
+        """Key of the principal's own documents (user context), shared by all its sessions."""
+        return self._digest("principal", identity.tenant, identity.principal)
 
     def _jwt_claims(self, metadata: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:
         """jwt_authn stores the verified payload under its `payload_in_metadata` key."""
@@ -131,6 +136,19 @@ class IdentityResolver:
                 return value
         value = metadata.get("sessiongate.identity", {}).get("tenant")
         return value if isinstance(value, str) and value else DEFAULT_TENANT
+
+
+def _scopes(claims: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """OAuth scopes from a verified JWT: `scope` (space separated) or `scp` (a list)."""
+    if claims is None:
+        return ()
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        return tuple(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, list):
+        return tuple(str(s) for s in scp)
+    return ()
 
 
 def api_credential(headers: Mapping[str, str]) -> str | None:

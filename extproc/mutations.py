@@ -19,6 +19,7 @@ ProcessingRequest = ep.ProcessingRequest
 ProcessingResponse = ep.ProcessingResponse
 
 METADATA_NAMESPACE = "sessiongate"
+AFFINITY_KEY = "affinity"
 _Mode = processing_mode_pb2.ProcessingMode
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -66,7 +67,7 @@ def request_body_unchanged() -> Any:
     return ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
 
 
-def request_body_replaced(body: bytes, turn_id: str) -> Any:
+def request_body_replaced(body: bytes, turn_id: str, affinity: str = "") -> Any:
     """The rewritten body, its byte length, and the turn id for the capture filter.
 
     With a BUFFERED body and SEND headers, content-length must be set here: a mismatch is a
@@ -77,13 +78,17 @@ def request_body_replaced(body: bytes, turn_id: str) -> Any:
         body_mutation=ep.BodyMutation(body=body),
     )
     response = ProcessingResponse(request_body=ep.BodyResponse(response=common))
-    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id))
+    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id, affinity))
     return response
 
 
-def turn_metadata(turn_id: str) -> Any:
+def turn_metadata(turn_id: str, affinity: str = "") -> Any:
+    """For the capture filter: the turn id, and the affinity key its gRPC stream hashes."""
     metadata = struct_pb2.Struct()
-    metadata.get_or_create_struct(METADATA_NAMESPACE)["turn_id"] = turn_id
+    namespace = metadata.get_or_create_struct(METADATA_NAMESPACE)
+    namespace["turn_id"] = turn_id
+    if affinity:
+        namespace[AFFINITY_KEY] = affinity
     return metadata
 
 

@@ -17,9 +17,10 @@ from typing import Any
 from extproc import mutations
 from extproc.config import Settings
 from extproc.errors import openai_error
-from extproc.identity import IdentityResolver, valid_session_id
+from extproc.identity import Identity, IdentityResolver, valid_session_id
 from extproc.metrics import Metrics
 from extproc.protocols import openai_chat as chat
+from extproc.session_ops import SessionOp, SessionOpError, parse_session_op
 from store import PendingTurn, SessionStore
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ CHAT_SUFFIX = "/chat/completions"
 @dataclass(frozen=True, slots=True)
 class SessionContext:
     session_key: str
+    session_id: str  # raw: only used as the ext_proc affinity key, never stored
+    identity: Identity
+    user_agent: str = ""
+    op: SessionOp | None = None
 
 
 class Rewriter:
@@ -53,7 +58,7 @@ class Rewriter:
         headers = mutations.headers_dict(request.request_headers)
         header = self.settings.session_header
         session_id = headers.get(header)
-        remove = (header,) if session_id is not None else ()
+        remove = tuple(h for h in (header, self.settings.session_op_header) if h in headers)
         if session_id is None:
             self.metrics.inc("rewrite.pass_through.not_applicable")
             return mutations.request_headers_pass_through(), None
@@ -65,6 +70,15 @@ class Rewriter:
                 param=header,
             )
             return mutations.immediate_error(400, body, "sessiongate_invalid_session_id"), None
+        op = None
+        if self.settings.session_op_header in headers:
+            try:
+                op = parse_session_op(headers[self.settings.session_op_header])
+            except SessionOpError as exc:
+                self.metrics.inc("rewrite.rejected.session_op")
+                name = self.settings.session_op_header
+                body = openai_error(f"invalid {name}: {exc}", code="invalid_session_op", param=name)
+                return mutations.immediate_error(400, body, "sessiongate_invalid_session_op"), None
         if not self._is_chat_request(headers):
             self.metrics.inc("rewrite.pass_through.not_applicable")
             return mutations.request_headers_pass_through(remove), None
@@ -79,7 +93,13 @@ class Rewriter:
         if request.request_headers.end_of_stream:
             self.metrics.inc("rewrite.pass_through.no_body")
             return mutations.request_headers_pass_through(remove), None
-        context = SessionContext(self.resolver.session_key(identity, session_id))
+        context = SessionContext(
+            self.resolver.session_key(identity, session_id),
+            session_id,
+            identity,
+            headers.get("user-agent", "")[:256],
+            op,
+        )
         return mutations.request_headers_continue(remove), context
 
     @staticmethod
@@ -130,6 +150,8 @@ class Rewriter:
         # Read-your-writes: the previous turn of this session may still be in capture.
         if not await self.store.wait_for_pending(key, self.settings.pending_wait_ms / 1000):
             self.metrics.inc("rewrite.pending_wait_timeout")
+        if context.op is not None:
+            await self._apply_op(context, context.op)
         history = await self.store.history(key)
         body, dropped = chat.build_body(parsed, history, self.settings.upstream_body_limit)
         if dropped:
@@ -142,9 +164,24 @@ class Rewriter:
                 request_messages=parsed.new_messages,
                 system_messages=parsed.system_messages,
                 model=parsed.model,
+                tenant=context.identity.tenant,
+                principal=context.identity.principal,
+                scopes=context.identity.scopes,
+                user_agent=context.user_agent,
                 # Rough (4 bytes a token) and only used when the provider reports no usage.
                 prompt_tokens_estimate=len(body) // 4,
             )
         )
         self.metrics.inc("rewrite.injected")
-        return mutations.request_body_replaced(body, turn_id)
+        return mutations.request_body_replaced(body, turn_id, context.session_id)
+
+    async def _apply_op(self, context: SessionContext, op: SessionOp) -> None:
+        key = context.session_key
+        if op.kind == "clear":
+            await self.store.clear(key)
+        elif op.kind == "rewind":
+            await self.store.rewind(key, op.keep_turns)
+        else:  # fork: only from a session of the same principal, never another's
+            source = self.resolver.session_key(context.identity, op.source_session_id)
+            await self.store.fork(source, key)
+        self.metrics.inc(f"rewrite.session_op.{op.kind}")

@@ -47,8 +47,6 @@ class ExtProcService:
 
 async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcService:
     """`create_key`: `up` makes the HMAC key on first start; `serve` requires it to exist."""
-    if settings.redis_url:
-        log.warning("redis_url is set, but this release has no Redis warm tier yet: ignored")
     key = load_hmac_key(settings.hmac_key_path, create=create_key)
     resolver = IdentityResolver(
         key,
@@ -61,6 +59,12 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
         settings.sqlite_file,
         hot_max_bytes=settings.hot_max_bytes,
         commit_interval_ms=settings.commit_interval_ms,
+        postgres_dsn=settings.postgres_dsn,
+        postgres_schema=settings.postgres_schema,
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
+        redis_ttl_s=settings.redis_ttl_s,
+        redis_max_turns=settings.redis_max_turns,
     )
     metrics = Metrics()
     rewriter = Rewriter(settings, resolver, store, metrics)

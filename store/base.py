@@ -34,7 +34,23 @@ class TurnBackend(Protocol):
 
     async def load(self, session_key: str) -> list[Turn]: ...
 
-    async def delete(self, session_key: str) -> None: ...
+    async def delete(self, session_key: str) -> None:
+        """Remove the session: its turns and its documents."""
+        ...
+
+    async def truncate_after(self, session_key: str, seq: int) -> int:
+        """Drop the turns with seq > `seq` (rewind); return how many were dropped."""
+        ...
+
+    async def put_doc(self, session_key: str, name: str, data: bytes) -> None:
+        """Upsert one named per-session document (session metadata, state, derived context).
+
+        Documents are opaque bytes to a backend (the codec encodes them); `delete` removes
+        them with the session. Names are short ASCII identifiers.
+        """
+        ...
+
+    async def get_doc(self, session_key: str, name: str) -> bytes | None: ...
 
     async def flush(self) -> None:
         """Return when everything appended so far is durable in this tier."""

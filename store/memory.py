@@ -7,6 +7,12 @@ event loop and needs no lock.
 
 Turns handed out by `get`/`load` share their message dicts with the cache: callers must treat
 them as read-only (copying every history on every request would cost more than it protects).
+
+Documents (`put_doc`) are a cache like turns: they count toward `max_bytes`, expire and are
+evicted with their session, and `get_doc` returning None means "not cached" as much as "none"
+(the tiered store then asks the cold tier). A document written to a session whose turns are not
+cached creates a docs-only entry, which `contains` does NOT report: its (unknown) history must
+never pass for a cached empty one.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from store.model import Turn
 # Charged per cached session on top of its turns, so that many empty or tiny sessions still
 # count against the bound (the dict entry, the lists and the id set are not free).
 SESSION_OVERHEAD_BYTES = 256
+# Charged per cached document on top of its name and bytes (dict slot, bytes object header).
+DOC_OVERHEAD_BYTES = 64
 
 
 def turn_size(turn: Turn) -> int:
@@ -32,12 +40,21 @@ def turn_size(turn: Turn) -> int:
     return len(DEFAULT_CODEC.encode(turn))
 
 
+def doc_size(name: str, data: bytes) -> int:
+    """Byte estimate of a cached document."""
+    return DOC_OVERHEAD_BYTES + len(name) + len(data)
+
+
 @dataclass(slots=True)
 class _Session:
     turns: list[Turn] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
+    docs: dict[str, bytes] = field(default_factory=dict)
     size: int = SESSION_OVERHEAD_BYTES
     touched: float = 0.0
+    # False for an entry created by `put_doc` alone: its turns were never loaded, so it holds
+    # documents but is not a cached history (see the module docstring).
+    has_turns: bool = True
 
 
 class MemoryBackend:
@@ -70,15 +87,17 @@ class MemoryBackend:
     # --- synchronous API for the tiered store -------------------------------------------
 
     def contains(self, session_key: str) -> bool:
-        """Whether the session is cached (even empty). A peek: no LRU refresh, no stats."""
+        """Whether the session's turns are cached (even none). A peek: no LRU refresh, no
+        stats. False for a docs-only entry."""
         self._expire_idle()
-        return session_key in self._sessions
+        session = self._sessions.get(session_key)
+        return session is not None and session.has_turns
 
     def get(self, session_key: str) -> list[Turn] | None:
         """The cached session's turns in seq order, or None on a miss (counted)."""
         self._expire_idle()
         session = self._sessions.get(session_key)
-        if session is None:
+        if session is None or not session.has_turns:
             self._misses += 1
             return None
         self._hits += 1
@@ -95,8 +114,13 @@ class MemoryBackend:
         return session is not None and turn_id in session.ids
 
     def put_session(self, session_key: str, turns: Iterable[Turn]) -> None:
-        """Cache a whole session (promotion from the cold tier), replacing any cached copy."""
+        """Cache a whole session's turns (promotion from the cold tier), replacing any cached
+        turns; cached documents stay."""
         session = _Session()
+        previous = self._sessions.get(session_key)
+        if previous is not None:
+            session.docs = previous.docs
+            session.size += sum(doc_size(name, data) for name, data in previous.docs.items())
         for turn in sorted(turns, key=lambda t: t.seq):
             if turn.turn_id in session.ids:
                 continue
@@ -112,17 +136,16 @@ class MemoryBackend:
     # --- TurnBackend ---------------------------------------------------------------------
 
     async def append(self, session_key: str, turn: Turn) -> bool:
-        """Add a turn, creating the session if it is not cached. False for a known turn id."""
+        """Add a turn, creating the session if it is not cached (a docs-only entry becomes a
+        cached session too). False for a known turn id."""
         self._expire_idle()
         session = self._sessions.get(session_key)
         if session is not None and turn.turn_id in session.ids:
             self._touch(session_key, session)
             return False
         size = turn_size(turn)  # may raise StoreError: before anything changes
-        if session is None:
-            session = _Session()
-            self._sessions[session_key] = session
-            self._bytes += session.size
+        session = self._entry(session_key)
+        session.has_turns = True
         turns = session.turns
         if not turns or turn.seq > turns[-1].seq:
             turns.append(turn)  # the common case: the next seq
@@ -142,7 +165,52 @@ class MemoryBackend:
         return self.get(session_key) or []
 
     async def delete(self, session_key: str) -> None:
+        """Forget the session: turns and documents."""
         self._drop(session_key)
+
+    async def truncate_after(self, session_key: str, seq: int) -> int:
+        """Drop the cached turns with seq > `seq`; 0 when the session is not cached."""
+        self._expire_idle()
+        session = self._sessions.get(session_key)
+        if session is None or not session.turns:
+            return 0
+        keep = bisect.bisect_right(session.turns, seq, key=lambda t: t.seq)
+        dropped = session.turns[keep:]
+        if not dropped:
+            return 0
+        del session.turns[keep:]
+        size = sum(turn_size(turn) for turn in dropped)
+        session.ids.difference_update(turn.turn_id for turn in dropped)
+        session.size -= size
+        self._bytes -= size
+        self._touch(session_key, session)
+        return len(dropped)
+
+    async def put_doc(self, session_key: str, name: str, data: bytes) -> None:
+        """Cache the document (see the module docstring for uncached sessions)."""
+        self._expire_idle()
+        session = self._sessions.get(session_key)
+        if session is None:
+            session = self._entry(session_key)
+            session.has_turns = False
+        old = session.docs.get(name)
+        delta = doc_size(name, data) - (doc_size(name, old) if old is not None else 0)
+        session.docs[name] = bytes(data)
+        session.size += delta
+        self._bytes += delta
+        self._touch(session_key, session)
+        self._evict_over_budget()
+
+    async def get_doc(self, session_key: str, name: str) -> bytes | None:
+        """The cached document, or None when it is not cached (or does not exist)."""
+        self._expire_idle()
+        session = self._sessions.get(session_key)
+        if session is None:
+            return None
+        data = session.docs.get(name)
+        if data is not None:
+            self._touch(session_key, session)
+        return data
 
     async def flush(self) -> None:
         """Nothing to do: memory is as durable as it gets the moment `append` returns."""
@@ -167,6 +235,15 @@ class MemoryBackend:
     def _touch(self, session_key: str, session: _Session) -> None:
         session.touched = self._clock()
         self._sessions.move_to_end(session_key)
+
+    def _entry(self, session_key: str) -> _Session:
+        """The session's entry, created (empty, counted) when there is none."""
+        session = self._sessions.get(session_key)
+        if session is None:
+            session = _Session()
+            self._sessions[session_key] = session
+            self._bytes += session.size
+        return session
 
     def _drop(self, session_key: str) -> bool:
         session = self._sessions.pop(session_key, None)

@@ -58,4 +58,9 @@ class PendingTurn:
     system_messages: tuple[Message, ...] = ()
     model: str = ""
     prompt_tokens_estimate: int = 0
+    # Who asked, for the session's security context and metadata (never a raw credential).
+    tenant: str = ""
+    principal: str = ""
+    scopes: tuple[str, ...] = ()
+    user_agent: str = ""
     created_at: float = field(default_factory=time.time)

@@ -47,6 +47,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         readable_from=1,
     ),
+    # Named per-session documents (metadata, state, derived context, user profile): one row
+    # each, overwritten in place. Additive, so schema-1 releases keep working on it (they do
+    # not know the table, so a session they delete keeps its documents until this release
+    # deletes it again or the same session key writes them anew).
+    Migration(
+        version=2,
+        statements=(
+            """
+            CREATE TABLE docs (
+                session_key TEXT NOT NULL,
+                name TEXT NOT NULL,
+                data BLOB NOT NULL,
+                updated_at REAL NOT NULL,
+                PRIMARY KEY (session_key, name)
+            )
+            """,
+        ),
+        readable_from=1,
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -26,11 +26,33 @@ from store.base import StoreUnavailable, TurnBackend
 from store.memory import MemoryBackend
 from store.model import Message, PendingTurn, Turn, Usage
 from store.pending import Claim, LocalPendingRegistry, PendingRegistry
+from store.redis import Duplicate, NeedsFloor, RedisBackend, Stored, Subscription
+from store.session import (
+    DERIVED,
+    META,
+    SECURITY,
+    STATE,
+    USER,
+    DerivedContext,
+    SecurityContext,
+    SessionInfo,
+    SessionMeta,
+    SessionState,
+    UserContext,
+    decode_doc,
+    derive_state,
+    encode_doc,
+    next_derived,
+    next_meta,
+)
 
 log = logging.getLogger(__name__)
 
 _COLD_RETRY_INITIAL_S = 0.05
 _COLD_RETRY_MAX_S = 2.0
+# Sessions written while Redis was down, remembered so their stale Redis copy is dropped once
+# it is back. Past this many, the warm TTL bounds the staleness instead.
+_MAX_STALE_TRACKED = 100_000
 
 
 class SessionStore:
@@ -45,13 +67,23 @@ class SessionStore:
         registry: PendingRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         flush_timeout_s: float = 10.0,
+        warm: RedisBackend | None = None,
     ) -> None:
         self.hot = hot
         self.cold = cold
+        self.warm = warm
+        # The warm version each hot entry was read or written at: a hot entry is served only
+        # while Redis still reports that version (other replicas may have written since).
+        self._hot_versions: dict[str, int] = {}
+        # Our own recent writes, so our own invalidation messages do not evict them.
+        self._own_writes: dict[str, float] = {}
+        self._subscription: Subscription | None = None
         self._registry: PendingRegistry = registry or LocalPendingRegistry(
             pending_ttl_s, max_pending, clock=clock
         )
-        self._queue: asyncio.Queue[tuple[str, Turn]] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[tuple[str, Turn, PendingTurn]] = asyncio.Queue(
+            maxsize=queue_size
+        )
         self._flush_timeout_s = flush_timeout_s
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -71,19 +103,51 @@ class SessionStore:
                 "write_errors",
                 "cold_retries",
                 "lost_on_close",
+                "invalidations",
+                "hot_flushes",
+                "warm_hits",
+                "warm_refills",
+                "warm_degraded_reads",
+                "warm_degraded_writes",
             ),
             0,
         )
+        self._warm_stale: set[str] = set()
 
     async def start(self) -> None:
         if self._writer is None:
             self._writer = asyncio.create_task(self._run_writer(), name="session-store-writer")
+        if self.warm is not None and self._subscription is None:
+            self._subscription = await self.warm.subscribe_invalidations(
+                self._invalidated, self._forget_hot_versions
+            )
+
+    def _invalidated(self, session_key: str) -> None:
+        """Another replica changed the session: stop trusting our hot copy (pub/sub can lose
+        messages, so `history` checks the version as well)."""
+        if time.monotonic() - self._own_writes.get(session_key, -1e9) < 1.0:
+            return
+        self._hot_versions.pop(session_key, None)
+        self._counts["invalidations"] += 1
+
+    def _forget_hot_versions(self) -> None:
+        """(Re)connected to Redis: whatever happened meanwhile is unknown, trust nothing."""
+        self._hot_versions.clear()
+        self._own_writes.clear()
+        self._counts["hot_flushes"] += 1
 
     # --- read side -----------------------------------------------------------------------
 
     async def history(self, session_key: str) -> list[Turn]:
-        """The session's turns in seq order: from hot, or from cold on a miss (then cached).
-        Treat the result as read-only; it shares message dicts with the hot tier."""
+        """The session's turns in seq order: hot (if current) → warm → cold, promoting on the
+        way back. Treat the result as read-only; it shares message dicts with the hot tier.
+        With Redis down, hot and cold serve (this replica's hot copy may then be stale)."""
+        if self.warm is not None:
+            try:
+                return await self._history_via_warm(session_key)
+            except StoreUnavailable as exc:
+                self._counts["warm_degraded_reads"] += 1
+                log.debug("warm tier unavailable for a read: %s", exc)
         turns = self.hot.get(session_key)
         if turns is not None:
             return turns
@@ -95,6 +159,48 @@ class SessionStore:
             turns = await self.cold.load(session_key)
             self.hot.put_session(session_key, turns)
             self._counts["promotions"] += 1
+            return turns
+
+    async def _drop_stale_warm(self, session_key: str) -> None:
+        """Redis missed this session's writes while it was down: drop its copy (no tombstone),
+        so the next read refills it from the cold tier."""
+        assert self.warm is not None
+        if session_key in self._warm_stale:
+            await self.warm.evict(session_key)
+            self._warm_stale.discard(session_key)
+
+    async def _history_via_warm(self, session_key: str) -> list[Turn]:
+        assert self.warm is not None
+        if self._warm_stale:
+            await self._drop_stale_warm(session_key)
+        version = await self.warm.version(session_key)
+        cached = self.hot.get(session_key)
+        if (
+            cached is not None
+            and version is not None
+            and self._hot_versions.get(session_key) == version
+        ):
+            return cached
+        snapshot = await self.warm.snapshot(session_key)
+        async with self._lock(session_key):
+            if snapshot is not None and (snapshot.deleted or snapshot.first_seq <= 1):
+                turns, version = snapshot.turns, snapshot.version
+                self._counts["warm_hits"] += 1
+            else:
+                cold = await self.cold.load(session_key) if self.cold is not None else []
+                if snapshot is None:  # expired or never in Redis: refill it
+                    turns = cold
+                    version = await self.warm.fill(session_key, turns)
+                    self._counts["warm_refills"] += 1
+                else:  # trimmed in Redis: older turns from cold, the rest from Redis
+                    older = [t for t in cold if t.seq < snapshot.first_seq]
+                    turns, version = older + snapshot.turns, snapshot.version
+                self._counts["promotions"] += 1
+            self.hot.put_session(session_key, turns)
+            if version is None:
+                self._hot_versions.pop(session_key, None)
+            else:
+                self._hot_versions[session_key] = version
             return turns
 
     # --- pending turns (sync: called from the gRPC handlers) -----------------------------
@@ -144,7 +250,7 @@ class SessionStore:
             usage=usage or Usage(),
             created_at=claimed.created_at,
         )
-        self._queue.put_nowait((claimed.session_key, turn))
+        self._queue.put_nowait((claimed.session_key, turn, claimed))
         return True
 
     def abandon_turn(self, turn_id: str) -> None:
@@ -158,6 +264,9 @@ class SessionStore:
         """Delete from every tier. A completion still queued for the session recreates it
         (tombstones come with the shared hot tier)."""
         async with self._lock(session_key):
+            if self.warm is not None:  # a tombstone: other replicas' copies become stale
+                await self.warm.delete(session_key)
+            self._hot_versions.pop(session_key, None)
             await self.hot.delete(session_key)
             if self.cold is not None:
                 await self.cold.delete(session_key)
@@ -191,6 +300,10 @@ class SessionStore:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._writer
             try:
+                if self._subscription is not None:
+                    await self._subscription.close()
+                if self.warm is not None:
+                    await self.warm.close()
                 if self.cold is not None:
                     await self.cold.close()
             finally:
@@ -212,6 +325,116 @@ class SessionStore:
             stats.update({f"cold_{name}": value for name, value in self.cold.stats.items()})
         return stats
 
+    # --- session documents and operations ------------------------------------------------
+
+    async def session_info(self, session_key: str) -> SessionInfo:
+        """Metadata, security context, state and derived context of a session."""
+        return SessionInfo(
+            meta=decode_doc(await self._get_doc(session_key, META), SessionMeta),
+            security=decode_doc(await self._get_doc(session_key, SECURITY), SecurityContext),
+            state=decode_doc(await self._get_doc(session_key, STATE), SessionState),
+            derived=decode_doc(await self._get_doc(session_key, DERIVED), DerivedContext),
+        )
+
+    async def put_derived(self, session_key: str, derived: DerivedContext) -> None:
+        """Summary and key facts from the context manager (pinned system stays as given)."""
+        async with self._lock(session_key):
+            await self._put_doc(session_key, DERIVED, encode_doc(derived))
+
+    async def get_user_context(self, principal_key: str) -> UserContext:
+        return decode_doc(await self._get_doc(principal_key, USER), UserContext)
+
+    async def put_user_context(self, principal_key: str, context: UserContext) -> None:
+        """Per principal, not per session: `principal_key` is an HMAC of (tenant, principal)."""
+        await self._put_doc(principal_key, USER, encode_doc(context))
+
+    async def clear(self, session_key: str) -> None:
+        """Forget the session: turns and documents, in every tier."""
+        await self.delete_session(session_key)
+
+    async def rewind(self, session_key: str, keep_turns: int) -> int:
+        """Keep turns 1..keep_turns, drop the rest; returns how many were dropped."""
+        turns = await self.history(session_key)
+        async with self._lock(session_key):
+            dropped = sum(1 for t in turns if t.seq > keep_turns)
+            if dropped:
+                if self.warm is not None:
+                    await self.warm.truncate_after(session_key, keep_turns)
+                    self._hot_versions.pop(session_key, None)
+                await self.hot.truncate_after(session_key, keep_turns)
+                if self.cold is not None:
+                    await self.cold.truncate_after(session_key, keep_turns)
+                await self._refresh_state(session_key, [t for t in turns if t.seq <= keep_turns])
+            return dropped
+
+    async def fork(self, source_key: str, target_key: str) -> int:
+        """Copy a session's turns and derived context into an empty session; returns the
+        number of turns copied (0 when the target already has history: never overwritten)."""
+        turns = await self.history(source_key)
+        if await self.history(target_key):
+            return 0
+        async with self._lock(target_key):
+            if self.warm is not None:
+                for turn in turns:
+                    await self.warm.append(target_key, turn)
+                self._hot_versions.pop(target_key, None)
+            self.hot.put_session(target_key, turns)
+            if self.cold is not None:
+                for turn in turns:
+                    await self._append_cold(target_key, turn)
+            derived = await self._get_doc(source_key, DERIVED)
+            if derived is not None:
+                await self._put_doc(target_key, DERIVED, derived)
+            meta = SessionMeta(
+                created_at=time.time(),
+                last_activity=time.time(),
+                turns=len(turns),
+                forked_from_seq=turns[-1].seq if turns else 0,
+            )
+            await self._put_doc(target_key, META, encode_doc(meta))
+            await self._refresh_state(target_key, turns)
+            return len(turns)
+
+    async def _get_doc(self, key: str, name: str) -> bytes | None:
+        if self.warm is not None:  # shared by replicas: not cached in hot
+            with contextlib.suppress(StoreUnavailable):
+                data = await self.warm.get_doc(key, name)
+                if data is not None:
+                    return data
+            return await self.cold.get_doc(key, name) if self.cold is not None else None
+        data = await self.hot.get_doc(key, name)
+        if data is None and self.cold is not None:
+            data = await self.cold.get_doc(key, name)
+            if data is not None:
+                await self.hot.put_doc(key, name, data)
+        return data
+
+    async def _put_doc(self, key: str, name: str, data: bytes) -> None:
+        if self.warm is not None:
+            with contextlib.suppress(StoreUnavailable):  # cold has it; warm refills
+                await self.warm.put_doc(key, name, data)
+        else:
+            await self.hot.put_doc(key, name, data)
+        if self.cold is not None:
+            await self.cold.put_doc(key, name, data)
+
+    async def _refresh_state(self, session_key: str, turns: list[Turn]) -> None:
+        await self._put_doc(session_key, STATE, encode_doc(derive_state(turns)))
+
+    async def _update_docs(self, session_key: str, turn: Turn, pending: PendingTurn) -> None:
+        """Metadata, security context, state and pinned system prompt after a commit."""
+        meta = decode_doc(await self._get_doc(session_key, META), SessionMeta)
+        await self._put_doc(session_key, META, encode_doc(next_meta(meta, turn, pending)))
+        if pending.principal:
+            security = SecurityContext(pending.tenant, pending.principal, pending.scopes)
+            await self._put_doc(session_key, SECURITY, encode_doc(security))
+        derived = decode_doc(await self._get_doc(session_key, DERIVED), DerivedContext)
+        updated = next_derived(derived, turn)
+        if updated is not derived:
+            await self._put_doc(session_key, DERIVED, encode_doc(updated))
+        # The state is read off the newest turn, so this turn is enough.
+        await self._refresh_state(session_key, [turn])
+
     # --- the writer task -----------------------------------------------------------------
 
     def _lock(self, session_key: str) -> asyncio.Lock:
@@ -223,9 +446,9 @@ class SessionStore:
 
     async def _run_writer(self) -> None:
         while True:
-            session_key, turn = await self._queue.get()
+            session_key, turn, pending = await self._queue.get()
             try:
-                await self._write(session_key, turn)
+                await self._write(session_key, turn, pending)
             except Exception:  # one bad turn must not stop the writer
                 self._counts["write_errors"] += 1
                 log.exception("session store: writing a turn failed")
@@ -234,7 +457,18 @@ class SessionStore:
                 self._registry.resolve(turn.turn_id)
                 self._queue.task_done()
 
-    async def _write(self, session_key: str, turn: Turn) -> None:
+    async def _write(self, session_key: str, turn: Turn, pending: PendingTurn) -> None:
+        if self.warm is not None:
+            try:
+                if await self._write_via_warm(session_key, turn, pending):
+                    return
+            except StoreUnavailable as exc:
+                # Degraded: local seq, hot + cold only. Redis catches up lazily: the stale
+                # copy there is dropped when the session is next read after Redis returns.
+                self._counts["warm_degraded_writes"] += 1
+                if len(self._warm_stale) < _MAX_STALE_TRACKED:
+                    self._warm_stale.add(session_key)
+                log.debug("warm tier unavailable for a write: %s", exc)
         async with self._lock(session_key):
             last_seq, known = await self._head(session_key, turn.turn_id)
             if known:
@@ -248,6 +482,45 @@ class SessionStore:
             if self.cold is not None:
                 await self._append_cold(session_key, stored)
             self._counts["completed"] += 1
+            await self._update_docs(session_key, stored, pending)
+
+    async def _write_via_warm(self, session_key: str, turn: Turn, pending: PendingTurn) -> bool:
+        """Redis assigns the seq (one order across replicas). False: not stored here."""
+        assert self.warm is not None
+        async with self._lock(session_key):
+            await self._drop_stale_warm(session_key)
+            result = await self.warm.append_next(session_key, turn)
+            if isinstance(result, NeedsFloor):
+                result = await self.warm.append_next(
+                    session_key, turn, await self._cold_last_seq(session_key)
+                )
+            if isinstance(result, Duplicate):
+                self._counts["duplicates_skipped"] += 1
+                return True
+            if not isinstance(result, Stored):
+                return False
+            stored = replace(turn, seq=result.seq)
+            self._own_writes[session_key] = time.monotonic()
+            if (
+                self.hot.contains(session_key)
+                and self._hot_versions.get(session_key) == result.version - 1
+            ):
+                await self.hot.append(session_key, stored)
+                self._hot_versions[session_key] = result.version
+            else:  # our copy was behind: drop it, the next read reloads
+                await self.hot.delete(session_key)
+                self._hot_versions.pop(session_key, None)
+            if self.cold is not None:
+                await self._append_cold(session_key, stored)
+            self._counts["completed"] += 1
+            await self._update_docs(session_key, stored, pending)
+            return True
+
+    async def _cold_last_seq(self, session_key: str) -> int:
+        if self.cold is None:
+            return 0
+        turns = await self.cold.load(session_key)
+        return turns[-1].seq if turns else 0
 
     async def _head(self, session_key: str, turn_id: str) -> tuple[int, bool]:
         """(last seq, whether turn_id is already stored), loading the session into hot from

@@ -1,16 +1,18 @@
-"""MemoryBackend specifics: the byte bound (LRU), idle TTL, miss vs empty session."""
+"""MemoryBackend specifics: the byte bound (LRU), idle TTL, miss vs empty session, documents
+as cache entries."""
 
 from __future__ import annotations
 
 import pytest
 
 from store import MemoryBackend, StoreError
-from store.memory import SESSION_OVERHEAD_BYTES, turn_size
+from store.memory import SESSION_OVERHEAD_BYTES, doc_size, turn_size
 from tests.store.helpers import FakeClock, make_turn
 
 # Every turn below has the same encoded size, so budgets can be written in turns.
 TURN = turn_size(make_turn("t1", 1, content="x" * 1000))
 SESSION = SESSION_OVERHEAD_BYTES + TURN  # a session holding one turn
+TURN_SMALL = turn_size(make_turn("t1", 1))
 
 
 async def test_lru_eviction_keeps_the_byte_bound() -> None:
@@ -101,3 +103,62 @@ async def test_a_seq_taken_by_another_turn_is_refused() -> None:
     with pytest.raises(StoreError, match="seq 1"):
         await hot.append("s", make_turn("other", 1))
     assert [t.turn_id for t in await hot.load("s")] == ["t1", "t2"]
+
+
+async def test_docs_count_toward_the_bound_and_leave_with_the_session() -> None:
+    hot = MemoryBackend(max_bytes=2 * SESSION + doc_size("meta", b"x" * 500))
+    await hot.append("a", make_turn("t1", 1, content="x" * 1000))
+    await hot.put_doc("a", "meta", b"x" * 500)
+    assert hot.stats["bytes"] == SESSION + doc_size("meta", b"x" * 500)
+    await hot.put_doc("a", "meta", b"y" * 100)  # an overwrite replaces, does not add
+    assert hot.stats["bytes"] == SESSION + doc_size("meta", b"y" * 100)
+    await hot.append("b", make_turn("t1", 1, content="x" * 1000))
+    await hot.put_doc("b", "meta", b"x" * 600)  # over the bound: a (and its doc) goes
+    assert not hot.contains("a")
+    assert await hot.get_doc("a", "meta") is None
+    assert await hot.get_doc("b", "meta") == b"x" * 600
+    assert hot.stats["evictions"] == 1
+    await hot.delete("b")
+    assert hot.stats["bytes"] == 0
+
+
+async def test_a_doc_alone_does_not_make_a_cached_history() -> None:
+    """The tiered store caches documents of sessions whose turns it never loaded: such an
+    entry must still be a miss for `contains`/`get`, or history would read as empty."""
+    hot = MemoryBackend()
+    await hot.put_doc("s", "meta", b"m")
+    assert not hot.contains("s")
+    assert hot.get("s") is None
+    assert await hot.get_doc("s", "meta") == b"m"
+    hot.put_session("s", [make_turn("t1", 1)])  # promotion keeps the cached documents
+    assert hot.contains("s")
+    assert await hot.get_doc("s", "meta") == b"m"
+    assert hot.stats["bytes"] == SESSION_OVERHEAD_BYTES + TURN_SMALL + doc_size("meta", b"m")
+    await hot.put_doc("fresh", "meta", b"m")
+    await hot.append("fresh", make_turn("t1", 1))  # an append makes it a session, as always
+    assert hot.contains("fresh")
+
+
+async def test_docs_expire_with_the_idle_session() -> None:
+    clock = FakeClock()
+    hot = MemoryBackend(ttl_s=10, clock=clock)
+    await hot.put_doc("s", "meta", b"m")
+    clock.advance(6)
+    assert await hot.get_doc("s", "meta") == b"m"  # a read refreshes it
+    clock.advance(6)
+    assert await hot.get_doc("s", "meta") == b"m"
+    clock.advance(11)
+    assert await hot.get_doc("s", "meta") is None
+    assert hot.stats["bytes"] == 0
+
+
+async def test_truncate_after_frees_the_dropped_turns_bytes() -> None:
+    hot = MemoryBackend()
+    turns = [make_turn(f"t{seq}", seq, content="x" * 1000) for seq in (1, 2, 3)]
+    hot.put_session("s", turns)
+    assert await hot.truncate_after("s", 1) == 2
+    assert hot.stats["bytes"] == SESSION
+    assert not hot.has_turn("s", "t2")
+    assert hot.last_seq("s") == 1
+    assert await hot.append("s", turns[1])  # a dropped id is new again
+    assert await hot.truncate_after("not cached", 0) == 0

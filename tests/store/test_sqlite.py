@@ -20,7 +20,8 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from store import SQLiteBackend, StoreError, StoreUnavailable
+from store import SQLiteBackend, StoreError, StoreUnavailable, encode_turn
+from store.sqlite_schema import MIGRATIONS
 from tests.store.helpers import make_turn
 
 REPO = Path(__file__).resolve().parents[2]
@@ -184,9 +185,71 @@ async def test_migrations_are_idempotent_on_reopen(tmp_path: Path) -> None:
         await backend.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         versions = conn.execute("SELECT version, readable_from FROM schema_version").fetchall()
-        assert versions == [(1, 1)]
+        assert versions == [(1, 1), (2, 1)]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert conn.execute("SELECT count(*) FROM turns").fetchone() == (3,)
+
+
+async def test_a_schema_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    """A file written by the release before documents existed (schema 1) gains the docs
+    table on open and keeps its turns."""
+    path = tmp_path / "s.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+            " readable_from INTEGER NOT NULL, applied_at REAL NOT NULL)"
+        )
+        for statement in MIGRATIONS[0].statements:
+            conn.execute(statement)
+        conn.execute("INSERT INTO schema_version VALUES (1, 1, 0)")
+        record = encode_turn(make_turn("t1", 1))
+        conn.execute("INSERT INTO turns VALUES ('s', 1, 't1', 0, ?)", (record,))
+    backend = await SQLiteBackend.open(path)
+    assert await backend.load("s") == [make_turn("t1", 1)]
+    await backend.put_doc("s", "meta", b"new")
+    await backend.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone() == (2,)
+        assert conn.execute("SELECT data FROM docs").fetchall() == [(b"new",)]
+
+
+async def test_doc_rewrites_in_one_batch_write_one_row(tmp_path: Path) -> None:
+    backend = await SQLiteBackend.open(tmp_path / "s.db", commit_interval_ms=50)
+    statements: list[str] = []
+    await writer_connection(backend).set_trace_callback(statements.append)
+    for version in range(20):
+        await backend.put_doc("s", "meta", f"v{version}".encode())
+    await backend.flush()
+    assert await backend.get_doc("s", "meta") == b"v19"
+    await backend.close()
+    assert backend.stats["docs_written"] == 20
+    assert sum("INTO docs" in sql for sql in statements) == 1  # the last write of the run
+
+
+async def test_writes_commit_in_queue_order(tmp_path: Path) -> None:
+    """Appends, a rewind, a doc write and a delete of another session, all in one batch: the
+    rewind sees exactly the appends queued before it."""
+    backend = await SQLiteBackend.open(tmp_path / "s.db", commit_interval_ms=600_000)
+    statements: list[str] = []
+    await writer_connection(backend).set_trace_callback(statements.append)
+    await backend.append("s", make_turn("t1", 1))
+    await backend.append("s", make_turn("t2", 2))
+    await backend.append("x", make_turn("t1", 1))
+    await backend.put_doc("x", "meta", b"x")
+    rewind = asyncio.create_task(backend.truncate_after("s", 1))
+    # The rewind queues itself and wakes the writer, but asyncio runs ready callbacks in FIFO
+    # order: this test resumes (and queues the rest) before the writer takes its batch.
+    await asyncio.sleep(0)
+    await backend.append("s", make_turn("t3", 2))
+    await backend.delete("x")  # waits for the commit, which also commits the rewind
+    assert await rewind == 1
+    assert backend.stats["commits"] == 1
+    assert [t.turn_id for t in await backend.load("s")] == ["t1", "t3"]
+    assert await backend.load("x") == []
+    assert await backend.get_doc("x", "meta") is None
+    await backend.close()
+    begins = [sql for sql in statements if sql.strip().upper().startswith("BEGIN")]
+    assert len(begins) == 1
 
 
 @pytest.mark.parametrize(("readable_from", "opens"), [(1, True), (3, False)])
