@@ -109,10 +109,13 @@ class SessionStore:
                 "warm_refills",
                 "warm_degraded_reads",
                 "warm_degraded_writes",
+                "warm_stale_evicted",
             ),
             0,
         )
-        self._warm_stale: set[str] = set()
+        # Sessions written while Redis was down -> the last seq written then (see
+        # _drop_stale_warm). Bounded: past the limit the warm TTL bounds the staleness.
+        self._warm_stale: dict[str, int] = {}
 
     async def start(self) -> None:
         if self._writer is None:
@@ -162,12 +165,18 @@ class SessionStore:
             return turns
 
     async def _drop_stale_warm(self, session_key: str) -> None:
-        """Redis missed this session's writes while it was down: drop its copy (no tombstone),
-        so the next read refills it from the cold tier."""
+        """Redis missed this session's writes while it was down. If its copy ends before our
+        last degraded write, drop it (no tombstone) so the next read refills from the cold
+        tier; a copy that already goes further was rebuilt since (by us or another replica)."""
         assert self.warm is not None
-        if session_key in self._warm_stale:
+        missed_seq = self._warm_stale.get(session_key)
+        if missed_seq is None:
+            return
+        snapshot = await self.warm.snapshot(session_key)
+        if snapshot is not None and not snapshot.deleted and snapshot.last_seq < missed_seq:
             await self.warm.evict(session_key)
-            self._warm_stale.discard(session_key)
+            self._counts["warm_stale_evicted"] += 1
+        del self._warm_stale[session_key]
 
     async def _history_via_warm(self, session_key: str) -> list[Turn]:
         assert self.warm is not None
@@ -458,6 +467,7 @@ class SessionStore:
                 self._queue.task_done()
 
     async def _write(self, session_key: str, turn: Turn, pending: PendingTurn) -> None:
+        degraded = False
         if self.warm is not None:
             try:
                 if await self._write_via_warm(session_key, turn, pending):
@@ -466,8 +476,7 @@ class SessionStore:
                 # Degraded: local seq, hot + cold only. Redis catches up lazily: the stale
                 # copy there is dropped when the session is next read after Redis returns.
                 self._counts["warm_degraded_writes"] += 1
-                if len(self._warm_stale) < _MAX_STALE_TRACKED:
-                    self._warm_stale.add(session_key)
+                degraded = True
                 log.debug("warm tier unavailable for a write: %s", exc)
         async with self._lock(session_key):
             last_seq, known = await self._head(session_key, turn.turn_id)
@@ -475,6 +484,8 @@ class SessionStore:
                 self._counts["duplicates_skipped"] += 1
                 return
             stored = replace(turn, seq=last_seq + 1)
+            if degraded and len(self._warm_stale) < _MAX_STALE_TRACKED:
+                self._warm_stale[session_key] = stored.seq
             # Only a cached session gets the turn: appending to an evicted one would create a
             # partial session that `history` would then take for the whole of it.
             if self.hot.contains(session_key):
