@@ -309,6 +309,18 @@ def ext_proc_cluster(grpc_endpoints: list[tuple[str, int]]) -> dict[str, Any]:
         "type": "STATIC",
         "connect_timeout": "1s",
         **({"lb_policy": "RING_HASH"} if replicated else {}),
+        # gRPC health checks: a replica that stops or drains (NOT_SERVING) leaves the ring
+        # within about a second, instead of failing its sessions' requests.
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "1s",
+                "no_traffic_interval": "1s",
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
         "typed_extension_protocol_options": {_HTTP_OPTIONS: options},
         # Every HTTP request opens up to two ext_proc streams; the default of 1,024 concurrent
         # requests per cluster would turn load into 500s.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 from extproc.config import Settings
 from extproc.identity import IdentityError
@@ -24,6 +25,13 @@ async def run_serve(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     host = settings.grpc_listen.rpartition(":")[0]
+    if service.metrics_port:
+        metrics_host = settings.metrics_listen.rpartition(":")[0]
+        print(
+            f"sessiongate: counters at http://{metrics_host}:{service.metrics_port}/metrics",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"ready grpc://{host}:{service.port}", flush=True)
     try:
         await stop.wait()

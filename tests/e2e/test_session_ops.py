@@ -18,8 +18,9 @@ def user(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 
 
-def ask(gateway: Gateway, session: str, text: str, op: str | None = None,
-        api_key: str = "sk-test-1") -> str:
+def ask(
+    gateway: Gateway, session: str, text: str, op: str | None = None, api_key: str = "sk-test-1"
+) -> str:
     headers = {"x-session-op": op} if op else {}
     reply = gateway.client(session, api_key=api_key).chat.completions.create(
         model="m", messages=[user(text)], extra_headers=headers
@@ -80,12 +81,18 @@ def test_fork_never_reads_another_principals_session(
     assert users_seen(mock, probe) == [probe]
 
 
-@pytest.mark.parametrize("op", ["delete", "rewind:-1", "rewind:x", "fork:", "fork:bad id", "clear:1"])
+@pytest.mark.parametrize(
+    "op", ["delete", "rewind:-1", "rewind:x", "fork:", "fork:bad id", "clear:1"]
+)
 def test_invalid_op_gets_400(gateway: Gateway, session_id: str, op: str) -> None:
     reply = gateway.http().post(
-        "/chat/completions", json={"model": "m", "messages": [user("x")]},
-        headers={"authorization": "Bearer sk-test-1", "x-session-id": session_id,
-                 "x-session-op": op},
+        "/chat/completions",
+        json={"model": "m", "messages": [user("x")]},
+        headers={
+            "authorization": "Bearer sk-test-1",
+            "x-session-id": session_id,
+            "x-session-op": op,
+        },
     )
     assert reply.status_code == 400
     assert reply.json()["error"]["code"] == "invalid_session_op"
