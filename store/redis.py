@@ -397,6 +397,36 @@ class RedisBackend:
         await self._run("evict", "EVICT", keys, session_key)
         await self._publish_sharded(keys, session_key)
 
+    # --- pending-turn markers (read-your-writes across replicas) ---------------------------
+
+    def _pending_key(self, session_key: str) -> str:
+        return f"{self._prefix}:{{{hash_tag(session_key)}}}:pending"
+
+    async def add_pending(self, session_key: str, turn_id: str, ttl_s: float) -> None:
+        """Mark a turn of the session as awaiting its reply (a sorted set scored by expiry,
+        so a marker whose capture never comes stops counting by itself)."""
+        key = self._pending_key(session_key)
+        expires_ms = int((time.time() + ttl_s) * 1000)
+
+        async def call() -> None:
+            async with self._client.pipeline(transaction=not self._cluster) as pipe:
+                pipe.zadd(key, {turn_id: expires_ms})
+                pipe.pexpire(key, int(ttl_s * 1000) + 1000)
+                await pipe.execute()
+
+        await self._call("add_pending", call)
+
+    async def remove_pending(self, session_key: str, turn_id: str) -> None:
+        key = self._pending_key(session_key)
+        await self._call("remove_pending", lambda: self._client.zrem(key, turn_id))
+
+    async def pending_count(self, session_key: str) -> int:
+        """How many unexpired markers the session has, from every replica."""
+        key = self._pending_key(session_key)
+        now_ms = int(time.time() * 1000)
+        count = await self._call("pending_count", lambda: self._client.zcount(key, now_ms, "+inf"))
+        return int(count)
+
     # --- TurnBackend -----------------------------------------------------------------------
 
     async def append(self, session_key: str, turn: Turn) -> bool:

@@ -53,6 +53,8 @@ _COLD_RETRY_MAX_S = 2.0
 # Sessions written while Redis was down, remembered so their stale Redis copy is dropped once
 # it is back. Past this many, the warm TTL bounds the staleness instead.
 _MAX_STALE_TRACKED = 100_000
+# How often a rewrite re-checks other replicas' pending markers while it waits.
+_SHARED_MARKER_POLL_S = 0.005
 
 
 class SessionStore:
@@ -78,6 +80,10 @@ class SessionStore:
         # Our own recent writes, so our own invalidation messages do not evict them.
         self._own_writes: dict[str, float] = {}
         self._subscription: Subscription | None = None
+        self._pending_ttl_s = pending_ttl_s
+        self._markers: dict[str, asyncio.Task[None]] = {}
+        self._max_markers = max_pending
+        self._background: set[asyncio.Task[None]] = set()
         self._registry: PendingRegistry = registry or LocalPendingRegistry(
             pending_ttl_s, max_pending, clock=clock
         )
@@ -110,6 +116,8 @@ class SessionStore:
                 "warm_degraded_reads",
                 "warm_degraded_writes",
                 "warm_stale_evicted",
+                "shared_marker_errors",
+                "shared_wait_timeouts",
             ),
             0,
         )
@@ -217,14 +225,67 @@ class SessionStore:
     def begin_turn(self, pending: PendingTurn) -> None:
         self._registry.add(pending)
         self._counts["begun"] += 1
+        if self.warm is not None:  # the shared marker, for the other replicas
+            self._markers[pending.turn_id] = asyncio.get_running_loop().create_task(
+                self._add_shared_marker(pending.session_key, pending.turn_id)
+            )
+            if len(self._markers) > self._max_markers:
+                self._markers = {t: m for t, m in self._markers.items() if not m.done()}
+
+    async def _add_shared_marker(self, session_key: str, turn_id: str) -> None:
+        assert self.warm is not None
+        try:
+            await self.warm.add_pending(session_key, turn_id, self._pending_ttl_s)
+        except StoreUnavailable:
+            self._counts["shared_marker_errors"] += 1
+
+    def _resolve(self, session_key: str, turn_id: str) -> None:
+        """The turn is settled here: wake local waiters, then drop the shared marker (after
+        it was added: the two calls must not overtake each other)."""
+        self._registry.resolve(turn_id)
+        self._drop_shared_marker(session_key, turn_id)
+
+    def _drop_shared_marker(self, session_key: str, turn_id: str) -> None:
+        added = self._markers.pop(turn_id, None)
+        if self.warm is None:
+            return
+
+        async def drop(warm: RedisBackend) -> None:
+            if added is not None:
+                await asyncio.wait({added})
+            try:
+                await warm.remove_pending(session_key, turn_id)
+            except StoreUnavailable:
+                self._counts["shared_marker_errors"] += 1
+
+        task = asyncio.get_running_loop().create_task(drop(self.warm))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def pending(self, turn_id: str) -> PendingTurn | None:
         return self._registry.get(turn_id)
 
     async def wait_for_pending(self, session_key: str, timeout_s: float) -> bool:
         """Wait until the session's turns pending before this call are committed or abandoned.
-        False on timeout (counted in stats["wait_timeouts"]), True at once when none."""
-        return await self._registry.wait(session_key, timeout_s)
+        False on timeout (counted in stats["wait_timeouts"]), True at once when none.
+
+        With Redis, markers left by other replicas count too: polled until gone, within the
+        same timeout (a replica that dies mid-turn leaves a marker that expires by itself)."""
+        deadline = time.monotonic() + timeout_s
+        if not await self._registry.wait(session_key, timeout_s):
+            return False
+        if self.warm is None:
+            return True
+        while True:
+            try:
+                if await self.warm.pending_count(session_key) == 0:
+                    return True
+            except StoreUnavailable:
+                return True  # degraded: only this replica's markers can be honoured
+            if time.monotonic() >= deadline:
+                self._counts["shared_wait_timeouts"] += 1
+                return False
+            await asyncio.sleep(_SHARED_MARKER_POLL_S)
 
     def complete_turn(
         self,
@@ -246,7 +307,7 @@ class SessionStore:
         if self._closed or self._queue.full():
             self._counts["dropped_closed" if self._closed else "dropped_queue_full"] += 1
             # Nothing will be written: readers waiting on this marker must not wait for it.
-            self._registry.resolve(turn_id)
+            self._resolve(claimed.session_key, turn_id)
             log.warning("turn dropped: store %s", "closed" if self._closed else "queue full")
             return False
         turn = Turn(
@@ -264,8 +325,11 @@ class SessionStore:
 
     def abandon_turn(self, turn_id: str) -> None:
         """Forget the marker (the reply failed); nothing is recorded, waiters wake."""
+        pending = self._registry.get(turn_id)
         if self._registry.abandon(turn_id):
             self._counts["abandoned"] += 1
+            if pending is not None:
+                self._drop_shared_marker(pending.session_key, turn_id)
 
     # --- admin ---------------------------------------------------------------------------
 
@@ -463,7 +527,7 @@ class SessionStore:
                 log.exception("session store: writing a turn failed")
             finally:
                 # Stored, duplicate or failed: either way nobody should wait for it any longer.
-                self._registry.resolve(turn.turn_id)
+                self._resolve(session_key, turn.turn_id)
                 self._queue.task_done()
 
     async def _write(self, session_key: str, turn: Turn, pending: PendingTurn) -> None:

@@ -149,3 +149,35 @@ async def test_redis_back_with_a_stale_copy_does_not_serve_it(
     assert await texts(a, "s") == ["one", "two"]
     b = await replicas()
     assert await texts(b, "s") == ["one", "two"]
+
+
+async def test_a_pending_turn_in_one_replica_holds_the_next_read_in_the_other(
+    replicas: OpenReplica,
+) -> None:
+    """Read-your-writes across replicas: the marker lives in Redis, not only in-process."""
+    a, b = await replicas(), await replicas()
+    await turn(a, "s", "one")
+    a.begin_turn(make_pending("t2", "s", content="two"))
+    await asyncio.sleep(0.05)  # the shared marker is written in the background
+
+    async def read_in_b() -> list[str]:
+        assert await b.wait_for_pending("s", 5)
+        return await texts(b, "s")
+
+    reader = asyncio.create_task(read_in_b())
+    await asyncio.sleep(0.1)
+    assert not reader.done()  # b really waits for a's turn
+    assert a.complete_turn("t2", assistant("re: two"), "stop", Usage(3, 1))
+    assert await reader == ["one", "two"]
+
+
+async def test_an_abandoned_turn_releases_the_other_replica(replicas: OpenReplica) -> None:
+    a, b = await replicas(), await replicas()
+    a.begin_turn(make_pending("t1", "s", content="lost"))
+    await asyncio.sleep(0.05)
+    waiter = asyncio.create_task(b.wait_for_pending("s", 5))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    a.abandon_turn("t1")
+    assert await waiter is True
+    assert await texts(b, "s") == []
