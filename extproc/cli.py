@@ -51,7 +51,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
     add("--metrics-listen", help="HOST:PORT serving /metrics and /stats (loopback advised)")
 
 
-_NOT_SETTINGS = {"command", "config", "func", "config_command"}
+_NOT_SETTINGS = {"command", "config", "func", "config_command", "bench_command"}
 
 
 def _settings(args: argparse.Namespace, **defaults: Any) -> Settings:
@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     mock = sub.add_parser("mock-llm", help="the simulated LLM provider used by the tests")
     mock_llm.add_arguments(mock)
     mock.set_defaults(func=cmd_mock_llm)
+
+    from extproc.bench import store_bench
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_store = bench_sub.add_parser("store", help="per-tier store latency and throughput")
+    store_bench.add_arguments(bench_store)
+    bench_store.set_defaults(func=store_bench.run)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)

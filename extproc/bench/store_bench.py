@@ -42,10 +42,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiosqlite
 import asyncpg
+import orjson
+import redis
 import uvloop
+from redis.utils import HIREDIS_AVAILABLE
 
 from store import (
     MemoryBackend,
@@ -209,7 +213,7 @@ def _duration(us: float) -> str:
 
 
 _COLUMNS = (
-    ("name", 46, "<"),
+    ("name", 51, "<"),
     ("n", 6, ">"),
     ("p50", 10, ">"),
     ("p99", 10, ">"),
@@ -431,6 +435,7 @@ class _Bench:
         self.read_sessions = {key: _history() for key in self.read_keys}
         self.append_turns = _AppendTurns()
         self.printed_header = False
+        self.step = "starting"  # what was running, for the error message
 
     # --- output ---
 
@@ -560,6 +565,7 @@ class _Bench:
         label: str,
         samples: list[int],
         elapsed_ns: int,
+        cpu_ns: int,
         *,
         target: float | None = None,
         note: str = "",
@@ -574,7 +580,14 @@ class _Bench:
             rate_unit="msg/s",
             rate_target=target,
             note=note,
-            extra={"turns_per_s": turns_per_s, "elapsed_s": elapsed_ns / 1e9, **(extra or {})},
+            extra={
+                "turns_per_s": turns_per_s,
+                "elapsed_s": elapsed_ns / 1e9,
+                # This process's CPU time over the wall time: near 1 (or above, with threads),
+                # the client side is what limits the rate.
+                "client_cpu_share": cpu_ns / max(elapsed_ns, 1),
+                **(extra or {}),
+            },
         )
 
     async def append_memory(self) -> None:
@@ -586,12 +599,14 @@ class _Bench:
         turns = self.append_turns.make(count, APPEND_SESSIONS)
         clock = time.perf_counter_ns
         samples = [0] * count
+        cpu_start = time.process_time_ns()
         start = clock()
         for i, turn in enumerate(turns):
             began = clock()
             _expect(await memory.append(keys[i % APPEND_SESSIONS], turn), "memory append refused")
             samples[i] = clock() - began
         elapsed = clock() - start
+        cpu = time.process_time_ns() - cpu_start
         await memory.close()
         self.add(
             self._append_row(
@@ -599,6 +614,7 @@ class _Bench:
                 "append [msg/s, turn=2 msgs]: memory",
                 samples,
                 elapsed,
+                cpu,
             )
         )
 
@@ -618,6 +634,7 @@ class _Bench:
             await self._append_next(warm, keys[i % APPEND_SESSIONS], turn)
         turns = self.append_turns.make(count, APPEND_SESSIONS)
         samples = [0] * count
+        cpu_start = time.process_time_ns()
         start = clock()
         for i, turn in enumerate(turns):
             began = clock()
@@ -625,12 +642,14 @@ class _Bench:
             samples[i] = clock() - began
             _expect(isinstance(result, Stored), f"redis append_next returned {result!r}")
         elapsed = clock() - start
+        cpu = time.process_time_ns() - cpu_start
         self.add(
             self._append_row(
                 "append.redis.seq",
                 "append [msg/s, turn=2 msgs]: redis, 1 task",
                 samples,
                 elapsed,
+                cpu,
             ),
             "baseline.redis_ping",
         )
@@ -653,15 +672,18 @@ class _Bench:
                 mine.append(clock() - began)
                 _expect(isinstance(result, Stored), f"redis append_next returned {result!r}")
 
+        cpu_start = time.process_time_ns()
         start = clock()
         await asyncio.gather(*(worker(index) for index in range(CONCURRENCY)))
         elapsed = clock() - start
+        cpu = time.process_time_ns() - cpu_start
         self.add(
             self._append_row(
                 "append.redis.c16",
                 f"append [msg/s, turn=2 msgs]: redis, {CONCURRENCY} tasks",
                 [sample for samples in all_samples for sample in samples],
                 elapsed,
+                cpu,
                 note="p50/p99: one append_next call while 16 are in flight",
             ),
             "baseline.redis_ping",
@@ -682,6 +704,7 @@ class _Bench:
         turns = self.append_turns.make(count, APPEND_SESSIONS)
         before = backend.stats
         samples = [0] * count
+        cpu_start = time.process_time_ns()
         start = clock()
         for i, turn in enumerate(turns):
             began = clock()
@@ -689,6 +712,7 @@ class _Bench:
             samples[i] = clock() - began
         await backend.flush()
         elapsed = clock() - start
+        cpu = time.process_time_ns() - cpu_start
         after = backend.stats
         inserted = after["rows_inserted"] - before["rows_inserted"]
         commits = after["commits"] - before["commits"]
@@ -699,6 +723,7 @@ class _Bench:
                 f"append [msg/s, turn=2 msgs]: {name} group commit",
                 samples,
                 elapsed,
+                cpu,
                 target=COLD_COMMIT_TARGET,
                 note="p50/p99: one append (enqueue); rate: from the first append to flush done",
                 extra={"commits": float(commits), "turns_per_commit": count / max(commits, 1)},
@@ -735,13 +760,17 @@ class _Bench:
     async def _tiered(self, cold: SQLiteBackend | PostgresBackend) -> SessionStore:
         warm = self._redis()
         store = SessionStore(MemoryBackend(HOT_MAX_BYTES), cold, warm=warm)
-        await store.start()
-        deadline = time.monotonic() + 5
-        # Subscribed first: the (re)connect flushes hot versions, which would turn a timed hot
-        # read into a warm one.
-        while warm.stats["subscription_connects"] < 1:
-            _expect(time.monotonic() < deadline, "redis invalidation subscription not up in 5s")
-            await asyncio.sleep(0.01)
+        try:
+            await store.start()
+            deadline = time.monotonic() + 5
+            # Subscribed first: the (re)connect flushes hot versions, which would turn a timed
+            # hot read into a warm one.
+            while warm.stats["subscription_connects"] < 1:
+                _expect(time.monotonic() < deadline, "redis invalidation subscription not up")
+                await asyncio.sleep(0.01)
+        except BaseException:
+            await store.close()  # closes warm and cold too
+            raise
         return store
 
     async def history_via_sqlite(self) -> None:
@@ -917,6 +946,15 @@ _BASELINE_NAMES = {
 }
 
 
+def _where(url: str) -> str:
+    """host:port of a URL or DSN, never its credentials."""
+    parts = urlsplit(url)
+    try:
+        return f"{parts.hostname or 'localhost'}:{parts.port or ''}".rstrip(":")
+    except ValueError:  # several hosts (cluster, sentinel): name the scheme only
+        return f"{parts.scheme}://..."
+
+
 def _cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -936,6 +974,11 @@ def _machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "uvloop": str(getattr(uvloop, "__version__", "")),
         "sqlite": sqlite3.sqlite_version,
+        "redis_py": redis.__version__,
+        # redis-py parses replies in C with hiredis, else in Python (a 50-turn snapshot is
+        # ~100 reply elements: this shows in the Redis rows).
+        "redis_parser": "hiredis" if HIREDIS_AVAILABLE else "python",
+        "orjson": orjson.__version__,
         "loadavg_start": list(os.getloadavg()),
     }
 
@@ -952,6 +995,23 @@ async def _harness_overhead_ns(iterations: int) -> int:
     """p50 of timing an `await` that does nothing: included in every latency figure."""
     samples = sorted(await _time_calls(_nothing, iterations, 10))
     return _percentile(samples, 0.5)
+
+
+def _print_notes(rows: Sequence[Row], machine: dict[str, Any]) -> None:
+    overhead = machine.get("harness_overhead_ns")
+    if overhead is not None:
+        print(
+            f"harness: an empty timed await costs {overhead} ns (p50), included in every "
+            f"figure; redis-py parses replies with {machine['redis_parser']}; GC on"
+        )
+    for row in rows:
+        parts = [row.note] if row.note else []
+        if "client_cpu_share" in row.extra:
+            parts.append(f"this process's CPU {row.extra['client_cpu_share']:.0%} of wall time")
+        if "turns_per_commit" in row.extra:
+            parts.append(f"{row.extra['turns_per_commit']:.0f} turns per commit")
+        if parts:
+            print(f"  {row.label}: {'; '.join(parts)}")
 
 
 def _remove_sqlite(path: Path) -> bool:
@@ -989,14 +1049,22 @@ async def _run_bench(options: Options, machine: dict[str, Any], sqlite_path: Pat
         f"(+1 system message per turn), {len(sample)} B per record; "
         f"{machine['nproc']} CPUs, Python {machine['python']}, uvloop {machine['uvloop']}\n"
         f"redis prefix {bench.redis_prefix!r}, postgres schema {bench.pg_schema!r}, "
-        f"sqlite {sqlite_path}\n",
+        f"sqlite {sqlite_path}",
         flush=True,
     )
+    load = machine["loadavg_start"][0]
+    if load > 0.5 * (machine["cpus_usable"] or 1):
+        print(
+            f"note: load average {load:.2f} on {machine['cpus_usable']} CPUs before the run: "
+            "other work is running, and every figure below includes its interference",
+            flush=True,
+        )
+    print(flush=True)
     error = ""
     try:
         await _measure(bench)
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
+        error = f"{bench.step}: {type(exc).__name__}: {exc}"
         print(f"bench store: error: {error}", file=sys.stderr, flush=True)
     finally:
         cleanup = await bench.cleanup()
@@ -1006,6 +1074,7 @@ async def _run_bench(options: Options, machine: dict[str, Any], sqlite_path: Pat
     missed = [row.label for row in bench.rows if row.status == "MISS"]
     print()
     print(_RATE_FOOTNOTE + "; p50/p99/mean are per call; vs base: p50 / the baseline's p50")
+    _print_notes(bench.rows, machine)
     print(
         f"targets: {sum(row.status == 'PASS' for row in bench.rows)} PASS, {len(missed)} MISS"
         + (f" ({'; '.join(missed)})" if missed else "")
@@ -1013,7 +1082,7 @@ async def _run_bench(options: Options, machine: dict[str, Any], sqlite_path: Pat
     problems = [f"{name}={value}" for name, value in cleanup.items() if name.endswith("_error")]
     if cleanup.get("redis_keys_left"):
         problems.append(f"{cleanup['redis_keys_left']} redis keys left")
-    if not cleanup.get("postgres_schema_dropped", False):
+    if "postgres_error" not in cleanup and not cleanup.get("postgres_schema_dropped"):
         problems.append(f"postgres schema {bench.pg_schema} not dropped")
     if problems:
         print(f"cleanup: {', '.join(problems)}", file=sys.stderr)
@@ -1057,14 +1126,20 @@ async def _measure(bench: _Bench) -> None:
     sqlite: SQLiteBackend | None = None
     postgres: PostgresBackend | None = None
     try:
+        bench.step = f"connecting to PostgreSQL ({_where(options.postgres_dsn)})"
         pg_pool = await asyncpg.create_pool(options.postgres_dsn, min_size=1, max_size=1, timeout=5)
         assert pg_pool is not None
+        bench.step = f"connecting to Redis ({_where(options.redis_url)})"
         bench.machine_extra.update(await _server_versions(warm, pg_pool))
         bench.machine_extra["harness_overhead_ns"] = await _harness_overhead_ns(options.iterations)
+        bench.step = "opening the SQLite and PostgreSQL cold tiers"
         sqlite = await SQLiteBackend.open(bench.sqlite_path)
         postgres = await PostgresBackend.open(options.postgres_dsn, schema=bench.pg_schema)
+        bench.step = "baselines"
         await bench.baselines(warm, pg_pool)
+        bench.step = "backend loads"
         await bench.loads(warm, sqlite, postgres)
+        bench.step = "appends"
         await bench.append_memory()
         await bench.append_redis(warm)
         await bench.group_commit("append.sqlite.group", "sqlite", sqlite)
@@ -1074,9 +1149,11 @@ async def _measure(bench: _Bench) -> None:
             if closer is not None:
                 with contextlib.suppress(Exception):
                     await closer.close()
+    bench.step = "tiered reads"
     await bench.history_hot_memory()
     await bench.history_via_sqlite()
     await bench.history_via_postgres()
+    bench.step = "cpu breakdown"
     await bench.cpu()
     _expect(
         [row.id for row in bench.rows] == list(ROW_IDS),
