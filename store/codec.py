@@ -80,21 +80,32 @@ class TurnCodec:
 
 
 def _turn_from_record(record: dict[str, Any]) -> Turn:
+    """Build the Turn, checking every field's type. On the warm-read path (50 turns per
+    read), so checks are inline `type() is` tests rather than helper calls."""
     usage = record.get("usage") or {}
+    turn_id = record["turn_id"]
+    seq = record.get("seq", 0)
+    model = record.get("model", "")
+    prompt_tokens = usage.get("prompt_tokens", 0)
+    completion_tokens = usage.get("completion_tokens", 0)
+    # bool is an int subclass: `type() is int` also refuses a bool where an int belongs.
+    if type(turn_id) is not str or type(model) is not str:
+        raise TypeError("turn_id and model must be str")
+    if type(seq) is not int or type(prompt_tokens) is not int or type(completion_tokens) is not int:
+        raise TypeError("seq and token counts must be int")
+    response = record["response_message"]
+    if type(response) is not dict:
+        raise TypeError("response_message must be an object")
     return Turn(
-        turn_id=_typed(record["turn_id"], str, "turn_id"),
-        seq=_typed(record.get("seq", 0), int, "seq"),
+        turn_id=turn_id,
+        seq=seq,
         created_at=float(record.get("created_at", 0.0)),
-        model=_typed(record.get("model", ""), str, "model"),
+        model=model,
         finish_reason=record.get("finish_reason"),
-        usage=Usage(
-            prompt_tokens=_typed(usage.get("prompt_tokens", 0), int, "prompt_tokens"),
-            completion_tokens=_typed(usage.get("completion_tokens", 0), int, "completion_tokens"),
-            estimated=bool(usage.get("estimated", False)),
-        ),
+        usage=Usage(prompt_tokens, completion_tokens, bool(usage.get("estimated", False))),
         system_messages=_messages(record.get("system_messages", []), "system_messages"),
         request_messages=_messages(record["request_messages"], "request_messages"),
-        response_message=_message(record["response_message"], "response_message"),
+        response_message=response,
     )
 
 
@@ -112,9 +123,12 @@ def _message(value: object, name: str) -> Message:
 
 
 def _messages(value: object, name: str) -> tuple[Message, ...]:
-    if not isinstance(value, list):
+    if type(value) is not list:
         raise TypeError(f"{name} must be a list")
-    return tuple(_message(item, name) for item in value)
+    for item in value:
+        if type(item) is not dict:
+            raise TypeError(f"{name} must hold objects")
+    return tuple(value)
 
 
 # The codec the backends use unless given another (e.g. an encrypting wrapper).
