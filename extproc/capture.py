@@ -20,7 +20,7 @@ from extproc.protocols.openai_chat import (
     parse_chat_json,
 )
 from extproc.sse import SSEDecoder, SSEError
-from store import PendingTurn, SessionStore
+from store import PendingTurn, TurnSink
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class CaptureStream:
     """One reply. `on_*` return False once nothing more is needed (the handler then returns)."""
 
     def __init__(
-        self, store: SessionStore, metrics: Metrics, max_json_bytes: int, delay_s: float = 0.0
+        self, store: TurnSink, metrics: Metrics, max_json_bytes: int, delay_s: float = 0.0
     ) -> None:
         self.store = store
         self.delay_s = delay_s

@@ -54,6 +54,8 @@ class Settings:
     redis_max_turns: int = 2000  # newest turns kept per session in Redis
     postgres_dsn: str | None = None  # the cold tier shared by replicas; default: SQLite
     postgres_schema: str = "sessiongate"
+    # [tenants.<name>]: a tenant pinned to its own Redis and/or database (store.open_router).
+    tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
     session_header: str = "x-session-id"
     session_op_header: str = "x-session-op"
     fail_open: bool = True
@@ -131,11 +133,33 @@ def _coerce(name: str, value: Any) -> Any:
         if kind.startswith("tuple"):
             items = value if isinstance(value, list | tuple) else str(value).split(",")
             return tuple(str(i).strip() for i in items if str(i).strip())
+        if kind.startswith("dict"):
+            return _tenants(value)
         if kind == "str | None":
             return None if value in (None, "") else str(value)
         return str(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: {exc}") from None
+
+
+TENANT_KEYS = frozenset(
+    {"redis_url", "redis_prefix", "postgres_dsn", "postgres_schema", "sqlite_path"}
+)
+
+
+def _tenants(value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
+        raise ValueError("expected [tenants.<name>] tables (config file only)")
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in value.items():
+        unknown = set(table) - TENANT_KEYS
+        if unknown or not name:
+            raise ValueError(f"tenant {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
+        out[name] = {
+            k: (Path(str(v)).expanduser() if k == "sqlite_path" else str(v))
+            for k, v in table.items()
+        }
+    return out
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from extproc.identity import Identity, IdentityResolver, valid_session_id
 from extproc.metrics import Metrics
 from extproc.protocols import openai_chat as chat
 from extproc.session_ops import SessionOp, SessionOpError, parse_session_op
-from store import PendingTurn, SessionStore
+from store import PendingTurn, SessionStore, StoreRouter
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ class Rewriter:
         self,
         settings: Settings,
         resolver: IdentityResolver,
-        store: SessionStore,
+        store: StoreRouter,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
@@ -147,16 +146,18 @@ class Rewriter:
 
     async def _rewrite(self, context: SessionContext, parsed: chat.ChatRequest) -> Any:
         key = context.session_key
+        tenant = context.identity.tenant
+        store = self.store.for_tenant(tenant)
         # Read-your-writes: the previous turn of this session may still be in capture.
-        if not await self.store.wait_for_pending(key, self.settings.pending_wait_ms / 1000):
+        if not await store.wait_for_pending(key, self.settings.pending_wait_ms / 1000):
             self.metrics.inc("rewrite.pending_wait_timeout")
         if context.op is not None:
-            await self._apply_op(context, context.op)
-        history = await self.store.history(key)
+            await self._apply_op(store, context, context.op)
+        history = await store.history(key)
         body, dropped = chat.build_body(parsed, history, self.settings.upstream_body_limit)
         if dropped:
             self.metrics.inc("rewrite.turns_dropped_for_size", dropped)
-        turn_id = uuid.uuid4().hex
+        turn_id = self.store.new_turn_id(tenant)
         self.store.begin_turn(
             PendingTurn(
                 turn_id=turn_id,
@@ -164,7 +165,7 @@ class Rewriter:
                 request_messages=parsed.new_messages,
                 system_messages=parsed.system_messages,
                 model=parsed.model,
-                tenant=context.identity.tenant,
+                tenant=tenant,
                 principal=context.identity.principal,
                 scopes=context.identity.scopes,
                 user_agent=context.user_agent,
@@ -175,13 +176,13 @@ class Rewriter:
         self.metrics.inc("rewrite.injected")
         return mutations.request_body_replaced(body, turn_id, context.session_id)
 
-    async def _apply_op(self, context: SessionContext, op: SessionOp) -> None:
+    async def _apply_op(self, store: SessionStore, context: SessionContext, op: SessionOp) -> None:
         key = context.session_key
         if op.kind == "clear":
-            await self.store.clear(key)
+            await store.clear(key)
         elif op.kind == "rewind":
-            await self.store.rewind(key, op.keep_turns)
+            await store.rewind(key, op.keep_turns)
         else:  # fork: only from a session of the same principal, never another's
             source = self.resolver.session_key(context.identity, op.source_session_id)
-            await self.store.fork(source, key)
+            await store.fork(source, key)
         self.metrics.inc(f"rewrite.session_op.{op.kind}")

@@ -18,7 +18,7 @@ from extproc.metrics import Metrics
 from extproc.metrics_http import start_metrics_http
 from extproc.rewrite import Rewriter
 from extproc.server import drain, start_grpc_server
-from store import SessionStore, open_store
+from store import StoreRouter, open_router
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExtProcService:
     settings: Settings
-    store: SessionStore
+    store: StoreRouter
     metrics: Metrics
     server: grpc.aio.Server
     health: Any
@@ -55,16 +55,19 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
         tenant_claim=settings.tenant_claim,
         allow_anonymous=settings.allow_anonymous,
     )
-    store = await open_store(
-        settings.sqlite_file,
-        hot_max_bytes=settings.hot_max_bytes,
-        commit_interval_ms=settings.commit_interval_ms,
-        postgres_dsn=settings.postgres_dsn,
-        postgres_schema=settings.postgres_schema,
-        redis_url=settings.redis_url,
-        redis_prefix=settings.redis_prefix,
-        redis_ttl_s=settings.redis_ttl_s,
-        redis_max_turns=settings.redis_max_turns,
+    store = await open_router(
+        {
+            "sqlite_path": settings.sqlite_file,
+            "hot_max_bytes": settings.hot_max_bytes,
+            "commit_interval_ms": settings.commit_interval_ms,
+            "postgres_dsn": settings.postgres_dsn,
+            "postgres_schema": settings.postgres_schema,
+            "redis_url": settings.redis_url,
+            "redis_prefix": settings.redis_prefix,
+            "redis_ttl_s": settings.redis_ttl_s,
+            "redis_max_turns": settings.redis_max_turns,
+        },
+        settings.tenants,
     )
     metrics = Metrics()
     rewriter = Rewriter(settings, resolver, store, metrics)

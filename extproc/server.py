@@ -21,7 +21,7 @@ from extproc.capture import CaptureStream
 from extproc.config import Settings
 from extproc.metrics import Metrics
 from extproc.rewrite import Rewriter
-from store import SessionStore
+from store import TurnSink
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +31,7 @@ GRPC_RECEIVE_FLOOR_BYTES = 64 * 1024 * 1024
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(
-        self, rewriter: Rewriter, store: SessionStore, metrics: Metrics, settings: Settings
-    ):
+    def __init__(self, rewriter: Rewriter, store: TurnSink, metrics: Metrics, settings: Settings):
         self.rewriter = rewriter
         self.store = store
         self.metrics = metrics
@@ -89,7 +87,7 @@ def grpc_receive_limit(settings: Settings) -> int:
 
 
 async def start_grpc_server(
-    settings: Settings, rewriter: Rewriter, store: SessionStore, metrics: Metrics
+    settings: Settings, rewriter: Rewriter, store: TurnSink, metrics: Metrics
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Bind, start, mark SERVING. Returns the server, its bound port and the health servicer."""
     server = grpc.aio.server(

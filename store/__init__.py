@@ -24,6 +24,8 @@ from store.redis import (
     Subscription,
     WarmSnapshot,
 )
+from store.router import StoreRouter, TurnSink, open_router
+from store.sharded import InvalidationSubscription, ShardedRedis, WarmBackend
 from store.sqlite import SQLiteBackend
 from store.tiered import SessionStore
 
@@ -33,6 +35,7 @@ __all__ = [
     "CircuitBreaker",
     "Codec",
     "Duplicate",
+    "InvalidationSubscription",
     "LocalPendingRegistry",
     "MemoryBackend",
     "Message",
@@ -43,17 +46,22 @@ __all__ = [
     "RedisBackend",
     "SQLiteBackend",
     "SessionStore",
+    "ShardedRedis",
     "StoreError",
+    "StoreRouter",
     "StoreUnavailable",
     "Stored",
     "Subscription",
     "Turn",
     "TurnBackend",
     "TurnCodec",
+    "TurnSink",
     "Usage",
+    "WarmBackend",
     "WarmSnapshot",
     "decode_turn",
     "encode_turn",
+    "open_router",
     "open_store",
 ]
 

@@ -255,8 +255,11 @@ def _locations(options: Mapping[str, Any]) -> list[str]:
         locations.append(f"postgres:{dsn}#{options.get('postgres_schema')}")
     elif options.get("sqlite_path") is not None:
         locations.append(f"sqlite:{os.path.abspath(options['sqlite_path'])}")
-    if options.get("redis_url"):
-        locations.append(f"redis:{shard_name(str(options['redis_url']))}#{options['redis_prefix']}")
+    # `redis_urls` (a ShardedRedis warm tier), should open_store take one: any node shared
+    # with another store under the same prefix is shared storage.
+    urls = [options.get("redis_url"), *(options.get("redis_urls") or ())]
+    for url in filter(None, urls):
+        locations.append(f"redis:{shard_name(str(url))}#{options['redis_prefix']}")
     return locations
 
 

@@ -90,6 +90,12 @@ class WarmBackend(Protocol):
 
     async def evict(self, session_key: str) -> None: ...
 
+    async def add_pending(self, session_key: str, turn_id: str, ttl_s: float) -> None: ...
+
+    async def remove_pending(self, session_key: str, turn_id: str) -> None: ...
+
+    async def pending_count(self, session_key: str) -> int: ...
+
     async def append(self, session_key: str, turn: Turn) -> bool: ...
 
     async def load(self, session_key: str) -> list[Turn]: ...
@@ -158,26 +164,33 @@ def shard_name(url: str) -> str:
 
 
 class Rendezvous:
-    """Highest-random-weight placement over a fixed set of names."""
+    """Highest-random-weight placement over a fixed set of names, with a bounded cache of
+    recent placements (a turn makes several calls for one session; hashing costs ~1 us per
+    shard, a cache hit ~0.1 us)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], cache_size: int = 65_536) -> None:
         if not names:
             raise ValueError("rendezvous hashing needs at least one name")
         if len(set(names)) != len(names):
             raise ValueError("shard names must be unique")
         self.names = tuple(names)
-        self._seeds = tuple(
-            hashlib.sha256(_SEED_CONTEXT + name.encode()).digest() for name in names
+        self._hashers = tuple(
+            hashlib.blake2b(digest_size=8, key=hashlib.sha256(_SEED_CONTEXT + n.encode()).digest())
+            for n in names
         )
+        self._cache: dict[str, int] = {}
+        self._cache_size = cache_size
 
     def index_of_tag(self, tag: str) -> int:
-        """The winning name's index for a session hash tag."""
+        """The winning name's index for a session hash tag (uncached)."""
         if len(self.names) == 1:
             return 0
         data = tag.encode()
         best_index, best_score = 0, b""
-        for index, seed in enumerate(self._seeds):
-            score = hashlib.blake2b(data, digest_size=8, key=seed).digest()
+        for index, hasher in enumerate(self._hashers):
+            scorer = hasher.copy()
+            scorer.update(data)
+            score = scorer.digest()
             # A tie (2**-64) goes to the smaller name, so every replica agrees.
             if score > best_score or (
                 score == best_score and self.names[index] < self.names[best_index]
@@ -186,7 +199,13 @@ class Rendezvous:
         return best_index
 
     def index_of(self, session_key: str) -> int:
-        return self.index_of_tag(hash_tag(session_key))
+        index = self._cache.get(session_key)
+        if index is None:
+            index = self.index_of_tag(hash_tag(session_key))
+            if len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]  # the oldest entry
+            self._cache[session_key] = index
+        return index
 
     def name_of(self, session_key: str) -> str:
         return self.names[self.index_of(session_key)]
@@ -229,8 +248,8 @@ class ShardedRedis:
     def __init__(self, shards: Mapping[str, RedisBackend]) -> None:
         self._shards = dict(shards)
         self._names = list(self._shards)
-        self._backends = [self._shards[name] for name in self._names]
         self._ring = Rendezvous(self._names)
+        self._backends = [self._shards[name] for name in self._names]
         self.call_bound_s = max(backend.call_bound_s for backend in self._backends)
 
     @classmethod
@@ -281,6 +300,15 @@ class ShardedRedis:
 
     async def evict(self, session_key: str) -> None:
         await self.shard_for(session_key).evict(session_key)
+
+    async def add_pending(self, session_key: str, turn_id: str, ttl_s: float) -> None:
+        await self.shard_for(session_key).add_pending(session_key, turn_id, ttl_s)
+
+    async def remove_pending(self, session_key: str, turn_id: str) -> None:
+        await self.shard_for(session_key).remove_pending(session_key, turn_id)
+
+    async def pending_count(self, session_key: str) -> int:
+        return await self.shard_for(session_key).pending_count(session_key)
 
     async def append(self, session_key: str, turn: Turn) -> bool:
         return await self.shard_for(session_key).append(session_key, turn)
@@ -343,11 +371,12 @@ class ShardedRedis:
     # --- rebalancing ---------------------------------------------------------------------
 
     async def sweep_misplaced(self, batch: int = 500) -> dict[str, int]:
-        """Drop, on every shard, the sessions (turns, documents, tombstones) whose owner under
-        the current shard list is another shard; return how many per shard (-1: the shard
-        could not be reached, try again). Run it once every replica uses this shard list: a
-        replica still on the old list would simply refill what it misses from the cold tier.
-        """
+        """Drop, on every shard, the sessions (turns, documents, tombstones, pending markers)
+        whose owner under the current shard list is another shard. Returns how many sessions
+        per shard (-1: the shard could not be reached; run it again). Run it once every replica
+        uses this shard list: a replica still on the old list only refills what it misses from
+        the cold tier. Without it, a copy left behind comes back stale if the placement returns
+        to its old shard within the Redis TTL (the tests show it)."""
         swept: dict[str, int] = {}
         for index, (name, backend) in enumerate(zip(self._names, self._backends, strict=True)):
             try:
@@ -358,25 +387,28 @@ class ShardedRedis:
         return swept
 
     async def _sweep_shard(self, index: int, backend: RedisBackend, batch: int) -> int:
-        pattern = _glob_escape(backend.prefix) + ":{*}:meta"
+        """Every key `<prefix>:{<tag>}:<anything>` of a tag this shard does not own (turns,
+        documents, meta or tombstone, pending markers: whatever the layout holds)."""
         head = len(backend.prefix) + 2  # "<prefix>:{"
-        swept = 0
+        pattern = _glob_escape(backend.prefix) + ":{*}:*"
+        tags: set[str] = set()
         try:
-            misplaced: list[str] = []
-            async for raw in backend.client.scan_iter(match=pattern, count=batch):
-                key = raw.decode() if isinstance(raw, bytes) else str(raw)
-                tag = key[head : head + _TAG_LENGTH]
-                if key[head + _TAG_LENGTH :] != "}:meta" or not set(tag) <= _HEX:
-                    continue  # not a session's meta key (another prefix nested in ours)
-                if len(tag) == _TAG_LENGTH and self._ring.index_of_tag(tag) != index:
-                    misplaced.append(tag)
-            for tag in misplaced:
-                # A 64-hex key hashes to its own first 32 chars: this names the tag's keys.
-                if await backend.client.delete(*backend.keys(tag + tag)):
-                    swept += 1
+            doomed: list[bytes | str] = []
+            async for key in backend.client.scan_iter(match=pattern, count=batch):
+                text = key.decode() if isinstance(key, bytes) else str(key)
+                tag = text[head : head + _TAG_LENGTH]
+                if text[head + _TAG_LENGTH : head + _TAG_LENGTH + 2] != "}:":
+                    continue  # not one of a session's keys
+                if len(tag) != _TAG_LENGTH or not set(tag) <= _HEX:
+                    continue
+                if self._ring.index_of_tag(tag) != index:
+                    tags.add(tag)
+                    doomed.append(key)
+            for start in range(0, len(doomed), batch):
+                await backend.client.delete(*doomed[start : start + batch])
         except _FAILURES as exc:
             raise StoreUnavailable(f"redis sweep failed: {type(exc).__name__}: {exc}") from exc
-        return swept
+        return len(tags)
 
 
 # --- helpers ----------------------------------------------------------------------------

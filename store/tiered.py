@@ -26,7 +26,7 @@ from store.base import StoreUnavailable, TurnBackend
 from store.memory import MemoryBackend
 from store.model import Message, PendingTurn, Turn, Usage
 from store.pending import Claim, LocalPendingRegistry, PendingRegistry
-from store.redis import Duplicate, NeedsFloor, RedisBackend, Stored, Subscription
+from store.redis import Duplicate, NeedsFloor, Stored
 from store.session import (
     DERIVED,
     META,
@@ -45,6 +45,7 @@ from store.session import (
     next_derived,
     next_meta,
 )
+from store.sharded import InvalidationSubscription, WarmBackend
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class SessionStore:
         registry: PendingRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         flush_timeout_s: float = 10.0,
-        warm: RedisBackend | None = None,
+        warm: WarmBackend | None = None,
     ) -> None:
         self.hot = hot
         self.cold = cold
@@ -79,7 +80,7 @@ class SessionStore:
         self._hot_versions: dict[str, int] = {}
         # Our own recent writes, so our own invalidation messages do not evict them.
         self._own_writes: dict[str, float] = {}
-        self._subscription: Subscription | None = None
+        self._subscription: InvalidationSubscription | None = None
         self._pending_ttl_s = pending_ttl_s
         self._markers: dict[str, asyncio.Task[None]] = {}
         self._max_markers = max_pending
@@ -250,7 +251,7 @@ class SessionStore:
         if self.warm is None:
             return
 
-        async def drop(warm: RedisBackend) -> None:
+        async def drop(warm: WarmBackend) -> None:
             if added is not None:
                 await asyncio.wait({added})
             try:

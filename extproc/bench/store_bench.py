@@ -61,6 +61,7 @@ from store import (
     Stored,
     Turn,
     Usage,
+    WarmBackend,
     decode_turn,
     encode_turn,
 )
@@ -842,7 +843,7 @@ class _Bench:
             await store.close()
 
     async def _history_cold(
-        self, store: SessionStore, warm: RedisBackend, row_id: str, name: str
+        self, store: SessionStore, warm: WarmBackend, row_id: str, name: str
     ) -> None:
         """Hot empty and the Redis copy evicted: cold load, Redis refill, hot fill."""
         n, w = self.options.iterations, self.options.warmup
