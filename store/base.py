@@ -52,7 +52,7 @@ class TurnBackend(Protocol):
 
     async def get_doc(self, session_key: str, name: str) -> bytes | None: ...
 
-    async def flush(self) -> None:
+    async def flush(self, timeout_s: float | None = None) -> None:
         """Return when everything appended so far is durable in this tier."""
         ...
 

@@ -212,7 +212,7 @@ class MemoryBackend:
             self._touch(session_key, session)
         return data
 
-    async def flush(self) -> None:
+    async def flush(self, timeout_s: float | None = None) -> None:
         """Nothing to do: memory is as durable as it gets the moment `append` returns."""
 
     async def close(self) -> None:

@@ -482,7 +482,7 @@ class RedisBackend:
         # decode_responses is off: Redis hands back the bytes that were stored.
         return value if value is None or isinstance(value, bytes) else value.encode()
 
-    async def flush(self) -> None:
+    async def flush(self, timeout_s: float | None = None) -> None:
         """Nothing to do: a call returns once Redis has applied it."""
 
     async def close(self) -> None:

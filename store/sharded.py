@@ -108,7 +108,7 @@ class WarmBackend(Protocol):
 
     async def get_doc(self, session_key: str, name: str) -> bytes | None: ...
 
-    async def flush(self) -> None: ...
+    async def flush(self, timeout_s: float | None = None) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -330,7 +330,7 @@ class ShardedRedis:
 
     # --- every shard ---------------------------------------------------------------------
 
-    async def flush(self) -> None:
+    async def flush(self, timeout_s: float | None = None) -> None:
         await asyncio.gather(*(backend.flush() for backend in self._backends))
 
     async def close(self) -> None:

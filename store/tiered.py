@@ -348,6 +348,7 @@ class SessionStore:
     async def flush(self, timeout_s: float | None = None) -> None:
         """Wait until the writer queue is drained and the cold tier has committed it."""
         timeout = timeout_s or self._flush_timeout_s
+        deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
                 await self._queue.join()
@@ -356,7 +357,8 @@ class SessionStore:
                 f"session store writer queue not drained after {timeout}s"
             ) from None
         if self.cold is not None:
-            await self.cold.flush()
+            # The rest of the same bound; the cold tier raises with its own cause (disk full).
+            await self.cold.flush(max(0.001, deadline - time.monotonic()))
 
     async def close(self) -> None:
         """Flush, stop the writer, close the tiers. Turns still queued if the flush fails are
