@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -49,6 +50,29 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
     add("--max-body-bytes", type=int, help="largest request body accepted")
     add("--log-level", help="debug, info, warning, error")
     add("--metrics-listen", help="HOST:PORT serving /metrics and /stats (loopback advised)")
+    _add_remaining_settings(parser, for_up=for_up)
+
+
+# Settings only `up` (or `envoy-config`) uses: the listener and the provider.
+_UP_ONLY = {"upstream", "listen", "tls", "upstream_ca_file", "ext_proc_endpoints"}
+# Settings that only make sense as TOML tables.
+_FILE_ONLY = {"tenants"}
+
+
+def _add_remaining_settings(parser: argparse.ArgumentParser, *, for_up: bool) -> None:
+    """Every other setting as `--<name> VALUE` (converted and validated like the file's)."""
+    taken = {action.dest for action in parser._actions}
+    for item in dataclasses.fields(Settings):
+        if item.name in taken or item.name in _FILE_ONLY:
+            continue
+        if item.name in _UP_ONLY and not for_up:
+            continue
+        parser.add_argument(
+            "--" + item.name.replace("_", "-"),
+            dest=item.name,
+            metavar="VALUE",
+            help=f"setting `{item.name}` (see the README's configuration table)",
+        )
 
 
 _NOT_SETTINGS = {"command", "config", "func", "config_command", "bench_command"}
@@ -149,10 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_config_check)
 
     envoy = sub.add_parser("envoy-config", help="print the Envoy config `up` would run")
-    _add_settings_flags(envoy, for_up=True)
-    envoy.add_argument(
-        "--ext-proc-endpoints", help="HOST:PORT,... of sessiongate replicas (ring-hashed)"
-    )
+    _add_settings_flags(envoy, for_up=True)  # incl. --ext-proc-endpoints HOST:PORT,...
     envoy.set_defaults(func=cmd_envoy_config)
     return parser
 

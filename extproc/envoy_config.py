@@ -135,9 +135,10 @@ def capture_filter(affinity: bool = False) -> dict[str, Any]:
             "failure_mode_allow": True,
             "observability_mode": True,
             # After the HTTP stream ends Envoy keeps the observed stream open this long so queued
-            # messages still arrive; short, so an aborted reply is abandoned (and a waiting next
-            # turn released) quickly. Loopback gRPC needs milliseconds.
-            "deferred_close_timeout": "1s",
+            # messages still arrive. Long enough to ride out a stalled or overloaded server (at
+            # 1 s, a 3 s stall lost completed turns); an aborted reply is abandoned only then,
+            # so the session's next request may wait its pending_wait_ms (and go on without).
+            "deferred_close_timeout": "10s",
             "processing_mode": {
                 "request_header_mode": "SKIP",
                 "response_header_mode": "SEND",

@@ -631,9 +631,11 @@ class Subscription:
         self.received = 0
         self.errors = 0
         self.connected = asyncio.Event()
+        self._closing = False
         self._task = asyncio.create_task(self._run(), name="redis-invalidations")
 
     async def close(self) -> None:
+        self._closing = True
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -729,6 +731,11 @@ class Subscription:
         pong_due = False
         next_ping = time.monotonic() + self._keepalive_s
         while True:
+            # redis-py's get_message can swallow a cancellation (seen: close() hung with the
+            # reader looping on); honour it, and the closing flag, on every round.
+            task = asyncio.current_task()
+            if self._closing or (task is not None and task.cancelling()):
+                raise asyncio.CancelledError
             if self._reconnected_inside:
                 raise _Resubscribe("redis-py reconnected a subscription connection")
             now = time.monotonic()

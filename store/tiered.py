@@ -429,19 +429,14 @@ class SessionStore:
         await self.delete_session(session_key)
 
     async def rewind(self, session_key: str, keep_turns: int) -> int:
-        """Keep turns 1..keep_turns, drop the rest; returns how many were dropped."""
-        turns = await self.history(session_key)
-        async with self._lock(session_key):
-            dropped = sum(1 for t in turns if t.seq > keep_turns)
-            if dropped:
-                if self.warm is not None:
-                    await self.warm.truncate_after(session_key, keep_turns)
-                    self._hot_versions.pop(session_key, None)
-                await self.hot.truncate_after(session_key, keep_turns)
-                if self.cold is not None:
-                    await self.cold.truncate_after(session_key, keep_turns)
-                await self._refresh_state(session_key, [t for t in turns if t.seq <= keep_turns])
-            return dropped
+        """Keep turns 1..keep_turns, drop the rest (the session op: its state is re-derived);
+        returns how many were dropped."""
+        dropped = await self.truncate_after(session_key, keep_turns)
+        if dropped:
+            kept = await self.history(session_key)
+            async with self._lock(session_key):
+                await self._refresh_state(session_key, kept)
+        return dropped
 
     async def fork(self, source_key: str, target_key: str) -> int:
         """Copy a session's turns and derived context into an empty session; returns the
@@ -449,15 +444,9 @@ class SessionStore:
         turns = await self.history(source_key)
         if await self.history(target_key):
             return 0
+        for turn in turns:
+            await self.append(target_key, turn)
         async with self._lock(target_key):
-            if self.warm is not None:
-                for turn in turns:
-                    await self.warm.append(target_key, turn)
-                self._hot_versions.pop(target_key, None)
-            self.hot.put_session(target_key, turns)
-            if self.cold is not None:
-                for turn in turns:
-                    await self._append_cold(target_key, turn)
             derived = await self._get_doc(source_key, DERIVED)
             if derived is not None:
                 await self._put_doc(target_key, DERIVED, derived)
@@ -470,6 +459,56 @@ class SessionStore:
             await self._put_doc(target_key, META, encode_doc(meta))
             await self._refresh_state(target_key, turns)
             return len(turns)
+
+    # --- TurnBackend: the tiered store is a backend itself (fork, imports, conformance) ---
+
+    async def append(self, session_key: str, turn: Turn) -> bool:
+        """Store `turn` at the seq it carries, in every tier; False if the session already
+        has its turn id. The gateway's own turns go through `complete_turn` instead, which
+        assigns the seq."""
+        if any(t.turn_id == turn.turn_id for t in await self.history(session_key)):
+            return False
+        async with self._lock(session_key):
+            if self.warm is not None:
+                try:
+                    await self.warm.append(session_key, turn)
+                except StoreUnavailable:
+                    self._counts["warm_degraded_writes"] += 1
+                    self._warm_stale[session_key] = max(
+                        turn.seq, self._warm_stale.get(session_key, 0)
+                    )
+                self._hot_versions.pop(session_key, None)
+            if self.hot.contains(session_key):
+                await self.hot.append(session_key, turn)
+            if self.cold is not None:
+                await self._append_cold(session_key, turn)
+        return True
+
+    async def load(self, session_key: str) -> list[Turn]:
+        return list(await self.history(session_key))
+
+    async def delete(self, session_key: str) -> None:
+        await self.delete_session(session_key)
+
+    async def truncate_after(self, session_key: str, seq: int) -> int:
+        turns = await self.history(session_key)
+        async with self._lock(session_key):
+            dropped = sum(1 for t in turns if t.seq > seq)
+            if dropped:
+                if self.warm is not None:
+                    await self.warm.truncate_after(session_key, seq)
+                    self._hot_versions.pop(session_key, None)
+                await self.hot.truncate_after(session_key, seq)
+                if self.cold is not None:
+                    await self.cold.truncate_after(session_key, seq)
+            return dropped
+
+    async def put_doc(self, session_key: str, name: str, data: bytes) -> None:
+        async with self._lock(session_key):
+            await self._put_doc(session_key, name, data)
+
+    async def get_doc(self, session_key: str, name: str) -> bytes | None:
+        return await self._get_doc(session_key, name)
 
     async def _get_doc(self, key: str, name: str) -> bytes | None:
         if self.warm is not None:  # shared by replicas: not cached in hot

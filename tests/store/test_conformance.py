@@ -17,7 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from store import MemoryBackend, PostgresBackend, SQLiteBackend, StoreUnavailable, Turn, TurnBackend
+from store import (
+    MemoryBackend,
+    PostgresBackend,
+    SessionStore,
+    SQLiteBackend,
+    StoreUnavailable,
+    Turn,
+    TurnBackend,
+)
 from tests.store.helpers import (
     PG_DSN,
     assistant,
@@ -62,6 +70,15 @@ async def _postgres(directory: Path) -> TurnBackend:
         pytest.skip(reason)
 
 
+async def _tiered(directory: Path) -> TurnBackend:
+    """The whole tiered store (memory hot, Redis warm, SQLite cold) as one backend."""
+    warm = await open_shared_backend(directory)
+    cold = await SQLiteBackend.open(directory / "tiered.db", commit_interval_ms=5)
+    store = SessionStore(MemoryBackend(), cold, warm=warm)
+    await store.start()
+    return store
+
+
 BACKENDS = [
     BackendCase("memory", _memory, persistent=False, exact_dedup=True),
     BackendCase("sqlite", _sqlite, persistent=True, exact_dedup=False),
@@ -71,6 +88,7 @@ BACKENDS = [
     BackendCase(
         "redis", open_shared_backend, persistent=True, exact_dedup=True, cleanup=delete_shared_keys
     ),
+    BackendCase("tiered", _tiered, persistent=True, exact_dedup=True, cleanup=delete_shared_keys),
 ]
 
 Opener = Callable[[], Awaitable[TurnBackend]]
