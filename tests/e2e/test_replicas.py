@@ -87,9 +87,13 @@ def _start_replica(directory: Path, redis: RedisServer, schema: str, key: Path) 
         directory / "serve.log",
         env={"SESSIONGATE_POSTGRES_SCHEMA": schema},
     )
-    port = int(proc.ready.rsplit(":", 1)[1])
-    log = (directory / "serve.log").read_text()
-    metrics = log.split("counters at ", 1)[1].split()[0].replace("/metrics", "/stats")
+    try:
+        port = int(proc.ready.rsplit(":", 1)[1])
+        log = (directory / "serve.log").read_text()
+        metrics = log.split("counters at ", 1)[1].split()[0].replace("/metrics", "/stats")
+    except (IndexError, ValueError):
+        proc.stop()
+        raise
     return Replica(proc, port, metrics)
 
 
