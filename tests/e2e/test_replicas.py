@@ -104,26 +104,29 @@ def cluster(mock: Mock, tmp_path: Path) -> Iterator[Cluster]:
     key = tmp_path / "hmac.key"
     key.write_text("r" * 64)
     key.chmod(0o600)
-    replicas = [_start_replica(tmp_path / f"r{i}", redis, schema, key) for i in range(2)]
-    settings = Settings(upstream=mock.url, listen="127.0.0.1:0", tls=False)
-    config = bootstrap(settings, [("127.0.0.1", r.port) for r in replicas], None)
-    (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
-    admin = tmp_path / "admin"
-    with open(tmp_path / "envoy.log", "w") as envoy_log:
-        envoy = subprocess.Popen(
-            [
-                envoy_binary(),
-                "-c",
-                str(tmp_path / "envoy.yaml"),
-                "--admin-address-path",
-                str(admin),
-                "--disable-hot-restart",
-                "--log-level",
-                "error",
-            ],
-            stderr=envoy_log,
-        )
+    replicas: list[Replica] = []
+    envoy: subprocess.Popen[bytes] | None = None
     try:
+        for i in range(2):
+            replicas.append(_start_replica(tmp_path / f"r{i}", redis, schema, key))
+        settings = Settings(upstream=mock.url, listen="127.0.0.1:0", tls=False)
+        config = bootstrap(settings, [("127.0.0.1", r.port) for r in replicas], None)
+        (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
+        admin = tmp_path / "admin"
+        with open(tmp_path / "envoy.log", "w") as envoy_log:
+            envoy = subprocess.Popen(
+                [
+                    envoy_binary(),
+                    "-c",
+                    str(tmp_path / "envoy.yaml"),
+                    "--admin-address-path",
+                    str(admin),
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "error",
+                ],
+                stderr=envoy_log,
+            )
         base_url = _wait_envoy(admin)
         found = Cluster(replicas, base_url, admin)
         deadline = time.monotonic() + 10
@@ -131,8 +134,9 @@ def cluster(mock: Mock, tmp_path: Path) -> Iterator[Cluster]:
             time.sleep(0.05)
         yield found
     finally:
-        envoy.terminate()
-        envoy.wait(10)
+        if envoy is not None:
+            envoy.terminate()
+            envoy.wait(10)
         for replica in replicas:
             replica.proc.stop()
         redis.kill()
