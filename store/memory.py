@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from store.base import StoreError
@@ -113,20 +113,25 @@ class MemoryBackend:
         session = self._sessions.get(session_key)
         return session is not None and turn_id in session.ids
 
-    def put_session(self, session_key: str, turns: Iterable[Turn]) -> None:
+    def put_session(
+        self, session_key: str, turns: Iterable[Turn], sizes: Sequence[int] | None = None
+    ) -> None:
         """Cache a whole session's turns (promotion from the cold tier), replacing any cached
-        turns; cached documents stay."""
+        turns; cached documents stay. `sizes`: the turns' encoded sizes when the caller has
+        them (it read the records), in the same order, so they are not encoded again."""
         session = _Session()
         previous = self._sessions.get(session_key)
         if previous is not None:
             session.docs = previous.docs
             session.size += sum(doc_size(name, data) for name, data in previous.docs.items())
+        turns = list(turns)
+        known = dict(zip((id(t) for t in turns), sizes, strict=True)) if sizes else {}
         for turn in sorted(turns, key=lambda t: t.seq):
             if turn.turn_id in session.ids:
                 continue
             session.turns.append(turn)
             session.ids.add(turn.turn_id)
-            session.size += turn_size(turn)
+            session.size += known.get(id(turn)) or turn_size(turn)
         self._drop(session_key)
         self._sessions[session_key] = session
         self._bytes += session.size

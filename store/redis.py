@@ -59,7 +59,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
 
@@ -149,6 +149,7 @@ class WarmSnapshot:
     first_seq: int
     last_seq: int
     deleted: bool = False
+    record_sizes: list[int] = field(default_factory=list)  # bytes per turn, for the hot tier
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -363,7 +364,10 @@ class RedisBackend:
         turns = [
             self._decode(items[index], int(items[index + 1])) for index in range(0, len(items), 2)
         ]
-        return WarmSnapshot(turns, int(version), int(first), int(last), deleted not in (b"0", 0))
+        sizes = [len(items[index]) for index in range(0, len(items), 2)]
+        return WarmSnapshot(
+            turns, int(version), int(first), int(last), deleted not in (b"0", 0), sizes
+        )
 
     async def version(self, session_key: str) -> int | None:
         """The session's version (one HGET); None when Redis does not have it."""

@@ -191,18 +191,23 @@ class SessionStore:
         assert self.warm is not None
         if self._warm_stale:
             await self._drop_stale_warm(session_key)
-        version = await self.warm.version(session_key)
         cached = self.hot.get(session_key)
+        known = self._hot_versions.get(session_key)
+        # Hot hit, if Redis still has the version we cached (one HGET); on a miss the snapshot
+        # carries its own version, so no HGET is spent.
         if (
             cached is not None
-            and version is not None
-            and self._hot_versions.get(session_key) == version
+            and known is not None
+            and await self.warm.version(session_key) == known
         ):
             return cached
-        snapshot = await self.warm.snapshot(session_key)
+        snapshot = await self.warm.snapshot(session_key)  # carries its own version
         async with self._lock(session_key):
+            sizes: list[int] | None = None
+            version: int | None
             if snapshot is not None and (snapshot.deleted or snapshot.first_seq <= 1):
                 turns, version = snapshot.turns, snapshot.version
+                sizes = snapshot.record_sizes or None
                 self._counts["warm_hits"] += 1
             else:
                 cold = await self.cold.load(session_key) if self.cold is not None else []
@@ -214,7 +219,7 @@ class SessionStore:
                     older = [t for t in cold if t.seq < snapshot.first_seq]
                     turns, version = older + snapshot.turns, snapshot.version
                 self._counts["promotions"] += 1
-            self.hot.put_session(session_key, turns)
+            self.hot.put_session(session_key, turns, sizes)
             if version is None:
                 self._hot_versions.pop(session_key, None)
             else:
