@@ -73,32 +73,26 @@ class Gateway:
                 out[name] = int(value)
         return out
 
+    def _client_options(self, session: str | None, api_key: str) -> dict[str, Any]:
+        return {
+            "base_url": self.base_url,
+            "api_key": api_key,
+            "max_retries": 0,
+            "timeout": 20,
+            "default_headers": {"x-session-id": session} if session else {},
+        }
+
     def client(
         self, session: str | None = None, api_key: str = "sk-test-1", **kw: Any
     ) -> openai.OpenAI:
-        headers = {"x-session-id": session} if session else {}
-        return openai.OpenAI(
-            base_url=self.base_url,
-            api_key=api_key,
-            max_retries=0,
-            timeout=20,
-            default_headers=headers,
-            http_client=openai.DefaultHttpxClient(verify=self.ssl_context()),
-            **kw,
-        )
+        http = openai.DefaultHttpxClient(verify=self.ssl_context())
+        return openai.OpenAI(**self._client_options(session, api_key), http_client=http, **kw)
 
     def async_client(
         self, session: str | None = None, api_key: str = "sk-test-1"
     ) -> openai.AsyncOpenAI:
-        headers = {"x-session-id": session} if session else {}
-        return openai.AsyncOpenAI(
-            base_url=self.base_url,
-            api_key=api_key,
-            max_retries=0,
-            timeout=20,
-            default_headers=headers,
-            http_client=openai.DefaultAsyncHttpxClient(verify=self.ssl_context()),
-        )
+        http = openai.DefaultAsyncHttpxClient(verify=self.ssl_context())
+        return openai.AsyncOpenAI(**self._client_options(session, api_key), http_client=http)
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, verify=self.ssl_context(), timeout=20)
