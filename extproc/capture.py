@@ -51,6 +51,7 @@ class CaptureStream:
             self.metrics.inc("capture.unknown_turn")
             self.finished = True
             return False
+        self.store.mark_responding(turn_id)
         headers = mutations.headers_dict(request.response_headers)
         status = headers.get(":status", "")
         if not status.startswith("2"):

@@ -49,6 +49,12 @@ class PendingRegistry(Protocol):
         """Remove the marker unless its completion is already queued (a completion wins)."""
         ...
 
+    def mark_responding(self, turn_id: str) -> None:
+        """The turn's reply has started (its capture saw response headers)."""
+        ...
+
+    def given_up_count(self, session_key: str) -> int: ...
+
     async def wait(self, session_key: str, timeout_s: float) -> bool:
         """Wait until every marker of the session registered before this call is resolved;
         False on timeout, True at once when there is none."""
@@ -71,6 +77,11 @@ class _Entry:
     pending: PendingTurn
     expires_at: float
     claimed: bool = False
+    # A reader already waited its full timeout for this marker: later readers do not wait for
+    # it again (a request aborted before its reply leaves a marker that only expiry removes)...
+    given_up: bool = False
+    # ...unless its reply has started (capture saw the response headers): then it is waited for.
+    responding: bool = False
     waiters: list[_Waiter] = field(default_factory=list)
 
 
@@ -134,7 +145,11 @@ class LocalPendingRegistry:
 
     async def wait(self, session_key: str, timeout_s: float) -> bool:
         self._expire()
-        entries = list(self._by_session.get(session_key, {}).values())
+        entries = [
+            e
+            for e in self._by_session.get(session_key, {}).values()
+            if e.responding or not e.given_up
+        ]
         if not entries:
             return True
         self._waits += 1
@@ -147,11 +162,26 @@ class LocalPendingRegistry:
             return True
         except TimeoutError:
             self._wait_timeouts += 1
+            for entry in entries:
+                entry.given_up = True
             return False
         finally:
             for entry in entries:  # no-op for entries already resolved
                 if waiter in entry.waiters:
                     entry.waiters.remove(waiter)
+
+    def mark_responding(self, turn_id: str) -> None:
+        entry = self._entries.get(turn_id)
+        if entry is not None:
+            entry.responding = True
+
+    def given_up_count(self, session_key: str) -> int:
+        """Markers of the session no reader waits for any more (see `_Entry.given_up`)."""
+        return sum(
+            1
+            for e in self._by_session.get(session_key, {}).values()
+            if e.given_up and not e.responding
+        )
 
     def __len__(self) -> int:
         self._expire()

@@ -60,6 +60,8 @@ class TurnSink(Protocol):
 
     def pending(self, turn_id: str) -> PendingTurn | None: ...
 
+    def mark_responding(self, turn_id: str) -> None: ...
+
     def complete_turn(
         self,
         turn_id: str,
@@ -143,6 +145,9 @@ class StoreRouter:
 
     def pending(self, turn_id: str) -> PendingTurn | None:
         return self.store_for_turn(turn_id).pending(turn_id)
+
+    def mark_responding(self, turn_id: str) -> None:
+        self.store_for_turn(turn_id).mark_responding(turn_id)
 
     def complete_turn(
         self,

@@ -276,7 +276,10 @@ class SessionStore:
         False on timeout (counted in stats["wait_timeouts"]), True at once when none.
 
         With Redis, markers left by other replicas count too: polled until gone, within the
-        same timeout (a replica that dies mid-turn leaves a marker that expires by itself)."""
+        same timeout (a replica that dies mid-turn leaves a marker that expires by itself).
+        A marker one reader has waited out in full is not waited for again: a request aborted
+        before its reply leaves a marker nothing resolves until it expires, and it must not
+        slow every later request of the session."""
         deadline = time.monotonic() + timeout_s
         if not await self._registry.wait(session_key, timeout_s):
             return False
@@ -284,14 +287,20 @@ class SessionStore:
             return True
         while True:
             try:
-                if await self.warm.pending_count(session_key) == 0:
-                    return True
+                count = await self.warm.pending_count(session_key)
             except StoreUnavailable:
                 return True  # degraded: only this replica's markers can be honoured
+            # Our own waited-out markers are in Redis too; they are not waited for again.
+            if count - self._registry.given_up_count(session_key) <= 0:
+                return True
             if time.monotonic() >= deadline:
                 self._counts["shared_wait_timeouts"] += 1
                 return False
             await asyncio.sleep(_SHARED_MARKER_POLL_S)
+
+    def mark_responding(self, turn_id: str) -> None:
+        """Capture saw the reply's headers: the turn is alive, readers wait for it again."""
+        self._registry.mark_responding(turn_id)
 
     def complete_turn(
         self,

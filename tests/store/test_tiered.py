@@ -273,3 +273,26 @@ async def test_open_store_memory_only_and_sqlite(tmp_path: Path) -> None:
     assert await seqs(reopened, "s") == [1]
     assert reopened.stats["cold_commits"] == 0
     await reopened.close()
+
+
+async def test_a_marker_waited_out_once_does_not_slow_later_reads(store: SessionStore) -> None:
+    """A request aborted before its reply leaves a marker only expiry removes: the first
+    reader waits it out, later readers do not wait for it again."""
+    store.begin_turn(make_pending("lost", "s"))
+    started = asyncio.get_running_loop().time()
+    assert await store.wait_for_pending("s", timeout_s=0.2) is False
+    assert asyncio.get_running_loop().time() - started >= 0.2
+    started = asyncio.get_running_loop().time()
+    assert await store.wait_for_pending("s", timeout_s=0.2) is True
+    assert asyncio.get_running_loop().time() - started < 0.1
+    # Once its reply starts (capture saw headers), it is waited for again.
+    store.mark_responding("lost")
+    assert await store.wait_for_pending("s", timeout_s=0.05) is False
+    store.abandon_turn("lost")
+    # A turn begun after it is still waited for.
+    store.begin_turn(make_pending("next", "s"))
+    waiter = asyncio.create_task(store.wait_for_pending("s", timeout_s=5))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    assert complete(store, "next")
+    assert await waiter is True

@@ -220,3 +220,18 @@ async def test_client_pause_bounds_the_request_path(
     started = asyncio.get_running_loop().time()
     assert await texts(b, "s") == ["one"]
     assert asyncio.get_running_loop().time() - started < 2.0
+
+
+async def test_a_marker_waited_out_once_does_not_slow_later_reads_with_redis(
+    replicas: OpenReplica,
+) -> None:
+    """The marker of an aborted request is also in Redis: the shared poll must not wait for
+    it again either."""
+    a = await replicas()
+    a.begin_turn(make_pending("lost", "s"))  # its reply never comes (client aborted)
+    await asyncio.sleep(0.05)
+    assert await a.wait_for_pending("s", 0.2) is False  # waited out once...
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await a.wait_for_pending("s", 0.2) is True  # ...then not again
+    assert loop.time() - started < 0.15
