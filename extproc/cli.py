@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_store = bench_sub.add_parser("store", help="per-tier store latency and throughput")
     store_bench.add_arguments(bench_store)
     bench_store.set_defaults(func=store_bench.run)
+    from extproc.bench import gateway_bench
+
+    bench_gateway = bench_sub.add_parser("gateway", help="sessiongate vs plain Envoy, same run")
+    gateway_bench.add_arguments(bench_gateway)
+    bench_gateway.set_defaults(func=gateway_bench.run)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
