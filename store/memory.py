@@ -124,14 +124,20 @@ class MemoryBackend:
         if previous is not None:
             session.docs = previous.docs
             session.size += sum(doc_size(name, data) for name, data in previous.docs.items())
-        turns = list(turns)
-        known = dict(zip((id(t) for t in turns), sizes, strict=True)) if sizes else {}
-        for turn in sorted(turns, key=lambda t: t.seq):
-            if turn.turn_id in session.ids:
+        sized = list(zip(turns, sizes, strict=True)) if sizes else [(t, 0) for t in turns]
+        seqs = [turn.seq for turn, _ in sized]
+        if seqs != sorted(seqs):  # the tiers hand sessions over in seq order: rarely sorts
+            sized.sort(key=lambda pair: pair[0].seq)
+        kept, ids = session.turns, session.ids
+        total = 0
+        for turn, size in sized:
+            turn_id = turn.turn_id
+            if turn_id in ids:
                 continue
-            session.turns.append(turn)
-            session.ids.add(turn.turn_id)
-            session.size += known.get(id(turn)) or turn_size(turn)
+            kept.append(turn)
+            ids.add(turn_id)
+            total += size or turn_size(turn)
+        session.size += total
         self._drop(session_key)
         self._sessions[session_key] = session
         self._bytes += session.size

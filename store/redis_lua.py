@@ -240,6 +240,8 @@ return 1
 
 # Read-only; KEYS[1] meta, KEYS[2] turns. -> nil when the session is not in Redis, else
 # {ver, first, seq, deleted, {member, score, member, score, ...}} read at one instant.
+# Used on a cluster only: a single server reads the same two things in a MULTI/EXEC (see
+# `RedisBackend.snapshot`), since Lua copies every record in and out (~2 ns a byte).
 SNAPSHOT = """
 local head = redis.call('HMGET', KEYS[1], 'ver', 'first', 'seq', 'deleted')
 if not head[1] then

@@ -75,6 +75,14 @@ def test_missing_optional_fields_take_defaults() -> None:
         b'{"v": 1, "turn_id": "t", "request_messages": {}, "response_message": {}}',
         b'{"v": 1, "turn_id": "t", "request_messages": ["x"], "response_message": {}}',
         b'{"v": 1, "turn_id": "t", "seq": true, "request_messages": [], "response_message": {}}',
+        b'{"v": 1, "turn_id": "t", "request_messages": [], "response_message": {}, "usage": [1]}',
+        b'{"v": 1, "turn_id": "t", "request_messages": [], "response_message": {}, "usage": '
+        b'{"prompt_tokens": "3"}}',
+        b'{"v": 1, "turn_id": "t", "request_messages": [], "response_message": [], "model": "m"}',
+        b'{"v": 1, "turn_id": "t", "request_messages": [], "response_message": {}, '
+        b'"system_messages": [[]]}',
+        b'{"v": 1, "turn_id": "t", "request_messages": [], "response_message": {}, '
+        b'"finish_reason": 5}',
     ],
 )
 def test_corrupt_data_raises_store_error(data: bytes) -> None:

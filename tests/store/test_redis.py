@@ -457,6 +457,42 @@ async def test_corrupt_record_is_a_store_error_not_an_outage(
     assert backend.stats["corrupt_records"] == 1 and backend.stats["failures"] == 0
 
 
+async def test_snapshot_error_inside_exec_leaves_the_connection_usable(
+    backend: RedisBackend, shared_admin: Redis
+) -> None:
+    await append_with_floor(backend, session(1), make_turn("t1", 0))
+    await shared_admin.set(backend.keys(SESSION)[0], b"not a hash")  # HMGET: WRONGTYPE
+    with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+        await backend.snapshot(SESSION)
+    for _ in range(3):  # the same pooled connection answers the next reads correctly
+        snapshot = await backend.snapshot(session(1))
+        assert snapshot is not None and [t.turn_id for t in snapshot.turns] == ["t1"]
+
+
+async def test_cancelled_snapshot_leaves_no_reply_behind(own_server: RedisServer) -> None:
+    backend = RedisBackend.from_url(own_server.url, socket_timeout_s=2.0)
+    await append_with_floor(backend, SESSION, make_turn("t1", 0))
+    await append_with_floor(backend, session(2), make_turn("u1", 0))
+    sleeper = await asyncio.create_subprocess_exec(
+        *("redis-cli", "-p", str(own_server.port), "DEBUG", "SLEEP", "0.5"),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(0.1)  # the server is now blocked: the read is queued behind it
+        read = asyncio.create_task(backend.snapshot(SESSION))
+        await asyncio.sleep(0.1)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+    finally:
+        await sleeper.wait()
+    # Had the cancelled read's reply stayed on a pooled connection, this would get it.
+    for _ in range(3):
+        snapshot = await backend.snapshot(session(2))
+        assert snapshot is not None and [t.turn_id for t in snapshot.turns] == ["u1"]
+    await backend.close()
+
+
 async def test_invalidations_reach_a_subscriber(open_backend: OpenBackend) -> None:
     writer = open_backend(prefix="sgtest:inv-" + uuid.uuid4().hex[:8])
     # A second replica: same prefix, its own connections and subscription.
@@ -694,6 +730,8 @@ async def test_sentinel_url_finds_the_master(tmp_path: Path) -> None:
         await append_with_floor(backend, SESSION, make_turn("t1", 0))
         db1 = redis.Redis(port=master.port, db=1)
         assert db1.exists(backend.keys(SESSION)[0]) == 1
+        snapshot = await backend.snapshot(SESSION)  # the read's own connection handling
+        assert snapshot is not None and [t.turn_id for t in snapshot.turns] == ["t1"]
         await backend.close()
     finally:
         sentinel.kill()
