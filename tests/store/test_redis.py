@@ -608,11 +608,13 @@ async def test_debug_sleep_fails_within_the_socket_timeout_bound(
     backend = RedisBackend.from_url(own_server.url, retries=0)
     await append_with_floor(backend, SESSION, make_turn("t1", 0))
     sleeper = await asyncio.create_subprocess_exec(
-        *("redis-cli", "-p", str(own_server.port), "DEBUG", "SLEEP", "0.8"),
+        *("redis-cli", "-p", str(own_server.port), "DEBUG", "SLEEP", "2.0"),
         stdout=asyncio.subprocess.DEVNULL,
     )
     try:
-        await asyncio.sleep(0.1)  # the server is now blocked
+        # Long enough for redis-cli to start even on a loaded machine: the server is then
+        # blocked for well over a call's bound.
+        await asyncio.sleep(0.5)
         started = time.perf_counter()
         with pytest.raises(StoreUnavailable, match="TimeoutError"):
             await backend.snapshot(SESSION)
