@@ -142,6 +142,21 @@ class SessionStore:
         self._hot_versions.pop(session_key, None)
         self._counts["invalidations"] += 1
 
+    def _remember_version(self, session_key: str, version: int) -> None:
+        """Bounded: entries of sessions the hot tier evicted are dropped once it grows."""
+        self._hot_versions[session_key] = version
+        if len(self._hot_versions) > _MAX_STALE_TRACKED:
+            self._hot_versions = {
+                k: v for k, v in self._hot_versions.items() if self.hot.contains(k)
+            }
+
+    def _note_own_write(self, session_key: str) -> None:
+        """Bounded: only writes of the last second matter (see `_invalidated`)."""
+        now = time.monotonic()
+        self._own_writes[session_key] = now
+        if len(self._own_writes) > _MAX_STALE_TRACKED:
+            self._own_writes = {k: t for k, t in self._own_writes.items() if now - t < 1.0}
+
     def _forget_hot_versions(self) -> None:
         """(Re)connected to Redis: whatever happened meanwhile is unknown, trust nothing."""
         self._hot_versions.clear()
@@ -223,7 +238,7 @@ class SessionStore:
             if version is None:
                 self._hot_versions.pop(session_key, None)
             else:
-                self._hot_versions[session_key] = version
+                self._remember_version(session_key, version)
             return turns
 
     # --- pending turns (sync: called from the gRPC handlers) -----------------------------
@@ -631,13 +646,13 @@ class SessionStore:
             if not isinstance(result, Stored):
                 return False
             stored = replace(turn, seq=result.seq)
-            self._own_writes[session_key] = time.monotonic()
+            self._note_own_write(session_key)
             if (
                 self.hot.contains(session_key)
                 and self._hot_versions.get(session_key) == result.version - 1
             ):
                 await self.hot.append(session_key, stored)
-                self._hot_versions[session_key] = result.version
+                self._remember_version(session_key, result.version)
             else:  # our copy was behind: drop it, the next read reloads
                 await self.hot.delete(session_key)
                 self._hot_versions.pop(session_key, None)
