@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from extproc.protocols.wire import TurnWireCache, joined
 from extproc.tokens import count_reply
 from store.model import Message, Turn, Usage
 
@@ -388,19 +390,54 @@ def pinned_system(history: list[Turn]) -> tuple[Message, ...]:
     return ()
 
 
+def _turn_wire(turn: Turn) -> bytes:
+    return joined(turn.messages())
+
+
+# A history turn's messages as spliced into the body (see extproc/protocols/wire.py).
+WIRE_CACHE = TurnWireCache(_turn_wire)
+# Stands in for the messages array while the rest of the body is encoded; random per process
+# so no client content can equal it (and build_body checks it found exactly one).
+_SPLICE_MARK = f"sessiongate-splice-{secrets.token_hex(16)}"
+_SPLICE_BYTES = b'"' + _SPLICE_MARK.encode() + b'"'
+
+
 def build_body(request: ChatRequest, history: list[Turn], max_bytes: int) -> tuple[bytes, int]:
     """System prompt (the request's own, else the pinned one), then history, then new messages.
 
     Returns the body and how many of the oldest turns were left out so it stays within
-    `max_bytes` (Envoy's buffer limit for the rewritten request).
+    `max_bytes` (Envoy's buffer limit for the rewritten request). History turns are spliced in
+    from their cached encoding; only the request's own parts are encoded here.
     """
     system = request.system_messages or pinned_system(history)
     body = dict(request.body)
+    body["messages"] = _SPLICE_MARK
+    frame = _dumps(body)
+    before, mark, after = frame.partition(_SPLICE_BYTES)
+    if not mark or _SPLICE_BYTES in after:  # cannot happen short of a 128-bit guess
+        return _build_body_slowly(request, system, history, max_bytes)
+    head = [joined(system)] if system else []
+    tail = [joined(request.new_messages)] if request.new_messages else []
+    pieces = [WIRE_CACHE.get(turn) for turn in history]
+    # Every item costs its bytes plus one comma, minus one comma overall; the brackets and the
+    # rest of the body are fixed.
+    fixed = len(before) + len(after) + 2 - 1 + sum(len(p) + 1 for p in head + tail)
+    budget, skip = max_bytes - fixed, 0
+    total = sum(len(p) + 1 for p in pieces)
+    while skip < len(pieces) and total > budget:
+        total -= len(pieces[skip]) + 1
+        skip += 1
+    items = b",".join([*head, *pieces[skip:], *tail])
+    return b"".join((before, b"[", items, b"]", after)), skip
+
+
+def _build_body_slowly(
+    request: ChatRequest, system: tuple[Message, ...], history: list[Turn], max_bytes: int
+) -> tuple[bytes, int]:
+    body = dict(request.body)
     body["messages"] = [*system, *request.new_messages]
     base = len(_dumps(body))
-    # Spliced into a non-empty list, a turn adds its messages and one comma each: its own
-    # encoding minus the brackets, plus one comma (k messages: k-1 inner commas + 1).
-    sizes = [len(orjson.dumps(turn.messages())) - 1 for turn in history]
+    sizes = [len(WIRE_CACHE.get(turn)) + 1 for turn in history]
     budget, skip = max_bytes - base, 0
     total = sum(sizes)
     while skip < len(history) and total > budget:
