@@ -6,6 +6,7 @@ hundreds of µs for pydantic-backed bindings). They are untyped, so this module 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -50,19 +51,27 @@ def _header_mutation(
     return mutation
 
 
-def request_headers_continue(remove: Iterable[str] = ()) -> Any:
+# The headers responses depend only on which headers go (a handful of combinations): built once
+# and shared. Callers must not modify a returned message (none does; they only send it).
+
+
+@functools.cache
+def request_headers_continue(remove: tuple[str, ...] = ()) -> Any:
     """Let the request headers through, minus `remove` (e.g. the session header)."""
     common = ep.CommonResponse(header_mutation=_header_mutation(remove=remove))
     return ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
 
 
-def request_headers_pass_through(remove: Iterable[str] = ()) -> Any:
+@functools.cache
+def request_headers_pass_through(remove: tuple[str, ...] = ()) -> Any:
     """No memory for this request: skip its body, so Envoy sends us nothing more."""
-    response = request_headers_continue(remove)
+    common = ep.CommonResponse(header_mutation=_header_mutation(remove=remove))
+    response = ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
     response.mode_override.CopyFrom(_PASS_THROUGH)
     return response
 
 
+@functools.cache
 def request_body_unchanged() -> Any:
     return ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
 
