@@ -219,6 +219,7 @@ class _Connection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.decoder = hpack.Decoder()
+        self.header_memo: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self.inbuf = bytearray()
         self.preface_seen = False
         self.streams: dict[int, _Stream] = {}
@@ -392,11 +393,29 @@ class _Connection(asyncio.Protocol):
             block, self.headers_block = bytes(self.headers_block), None
             self._headers_complete(stream_id, block, self.headers_end_stream)
 
-    def _headers_complete(self, stream_id: int, block: bytes, end_stream: bool) -> None:
+    def _decode_headers(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """hpack-decode, remembering blocks that leave the dynamic table as it was: Envoy sends
+        the same few bytes for every stream once its headers are indexed, and decoding them
+        (Huffman included) was a tenth of the transport's CPU. A block that changes the table
+        clears the memo, since its references may now mean something else."""
+        memo = self.header_memo
+        known = memo.get(block)
+        if known is not None:
+            return known
+        entries = self.decoder.header_table.dynamic_entries
+        before = (len(entries), entries[0] if entries else None)
         try:
-            headers = self.decoder.decode(block, raw=True)
+            headers = [(bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True)]
         except hpack.HPACKError as exc:
             raise H2ProtocolError(f"bad header block: {exc}", 9) from None  # COMPRESSION_ERROR
+        if (len(entries), entries[0] if entries else None) != before:
+            memo.clear()
+        elif len(memo) < 64:
+            memo[block] = headers
+        return headers
+
+    def _headers_complete(self, stream_id: int, block: bytes, end_stream: bool) -> None:
+        headers = self._decode_headers(block)
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client (gRPC clients send none)
             if end_stream:

@@ -398,3 +398,45 @@ def _protocol_error(port: int, wire: bytes) -> None:
     other = RawClient(port)
     other.send(grpc_h2.PREFACE + _settings_frame() + other.open_call(1, [b""]))
     assert other.frames(grpc_h2.HEADERS, stream_id=1)
+
+
+async def test_repeated_header_blocks_follow_the_dynamic_table(served: Any) -> None:
+    """The same header-block bytes mean another path once the peer's dynamic table changed:
+    the transport's memo of decoded blocks must not serve the old meaning."""
+    _, port, _, _ = served
+    await asyncio.to_thread(_same_block_new_meaning, port)
+
+
+def _same_block_new_meaning(port: int) -> None:
+    client = RawClient(port)
+    common = b"\x83\x86"  # static :method POST, :scheme http
+    health_path = b"/grpc.health.v1.Health/Check"
+
+    def insert_path(path: bytes) -> bytes:  # literal with incremental indexing, name :path
+        return bytes([0x44, len(path)]) + path
+
+    same = common + b"\xbe"  # indexed: dynamic entry 62, the newest insertion
+    ping = struct.pack(">BI", 0, 0)  # an empty message: HealthCheckRequest(service="")
+    body = body_request(b"echo").SerializeToString()
+    call = struct.pack(">BI", 0, len(body)) + body
+
+    def stream(sid: int, block: bytes, data: bytes) -> bytes:
+        return grpc_h2.frame(grpc_h2.HEADERS, grpc_h2.END_HEADERS, sid, block) + grpc_h2.frame(
+            grpc_h2.DATA, grpc_h2.END_STREAM, sid, data
+        )
+
+    wire = grpc_h2.PREFACE + _settings_frame()
+    wire += stream(1, common + insert_path(health_path), ping)
+    wire += stream(3, same, ping)  # health again, from the memo or not
+    wire += stream(5, common + insert_path(PROCESS_PATH.encode()), call)
+    wire += stream(7, same, call)  # the very same bytes as stream 3, now the ext_proc path
+    client.send(wire)
+    replies: dict[int, bytes] = {}
+    while len(replies) < 4:
+        frames = client.frames(grpc_h2.DATA)
+        assert frames, "connection closed early"
+        _, _, sid, payload = frames[-1]
+        replies[sid] = payload[5:]
+    assert replies[1] == replies[3] == b"\x08\x01"  # HealthCheckResponse(SERVING)
+    assert echoed(ep.ProcessingResponse.FromString(replies[5])) == b"echo"
+    assert echoed(ep.ProcessingResponse.FromString(replies[7])) == b"echo"
