@@ -30,6 +30,12 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
     add("--hmac-key-file", type=Path, help="file holding the HMAC key for identities")
     add("--sqlite-path", type=Path, help="session database (default <state-dir>/sessions.db)")
     add("--redis-url", help="Redis warm tier (redis://, rediss://, redis+cluster://, ...)")
+    add(
+        "--redis-urls",
+        action="append",
+        metavar="URL[,URL...]",
+        help="several Redis nodes, sessions sharded over them (repeat or comma-separate)",
+    )
     add("--postgres-dsn", help="PostgreSQL cold tier shared by replicas (default: SQLite)")
     add("--session-header", help="request header carrying the session id")
     mode = parser.add_mutually_exclusive_group()
@@ -60,17 +66,20 @@ _FILE_ONLY = {"tenants"}
 
 
 def _add_remaining_settings(parser: argparse.ArgumentParser, *, for_up: bool) -> None:
-    """Every other setting as `--<name> VALUE` (converted and validated like the file's)."""
+    """Every other setting as `--<name> VALUE` (converted and validated like the file's); a
+    list setting's flag may be repeated, each value itself comma-separated."""
     taken = {action.dest for action in parser._actions}
     for item in dataclasses.fields(Settings):
         if item.name in taken or item.name in _FILE_ONLY:
             continue
         if item.name in _UP_ONLY and not for_up:
             continue
+        is_list = str(item.type).startswith("tuple")
         parser.add_argument(
             "--" + item.name.replace("_", "-"),
             dest=item.name,
-            metavar="VALUE",
+            metavar="VALUE[,VALUE...]" if is_list else "VALUE",
+            action="append" if is_list else "store",
             help=f"setting `{item.name}` (see the README's configuration table)",
         )
 

@@ -7,6 +7,7 @@ Every setting has one name used in all three places: `listen` is `listen = "..."
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -23,6 +24,20 @@ ENV_PREFIX = "SESSIONGATE_"
 
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 IDENTITY_SOURCES = ("jwt", "mtls", "api-key")
+REDIS_SCHEMES = frozenset(
+    {
+        "redis",
+        "rediss",
+        "unix",
+        "redis+sentinel",
+        "redis+cluster",
+        "rediss+cluster",
+        "rediss+sentinel",
+    }
+)
+# A comma starts a new URL only when a scheme follows it: Sentinel and Cluster URLs list
+# their hosts with commas (`redis+sentinel://h1:1,h2:2/master`).
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class ConfigError(ValueError):
@@ -49,6 +64,9 @@ class Settings:
     hmac_key_file: Path | None = None  # default: <state_dir>/hmac.key (created by `up` only)
     sqlite_path: Path | None = None  # default: <state_dir>/sessions.db
     redis_url: str | None = None  # the warm tier (shared by replicas)
+    # Several independent Redis nodes as one warm tier: each session lives on one of them
+    # (rendezvous hashing, store.ShardedRedis). Exclusive with redis_url.
+    redis_urls: tuple[str, ...] = ()
     redis_prefix: str = "sg"
     redis_ttl_s: int = 86400  # sliding: idle sessions leave Redis and stay in the cold tier
     redis_max_turns: int = 2000  # newest turns kept per session in Redis
@@ -71,6 +89,9 @@ class Settings:
     pending_wait_ms: int = 1500
     stream_idle_timeout_s: int = 600
     hot_max_bytes: int = 256 * 1024 * 1024
+    # Idle seconds after which a session leaves the in-process hot tier (it is read again from
+    # Redis or the cold tier). 0: no expiry, only LRU eviction by hot_max_bytes.
+    hot_ttl_s: float = 0.0
     commit_interval_ms: int = 20
     log_level: str = "info"
     metrics_listen: str = ""  # HOST:PORT for /metrics and /stats; empty: off
@@ -95,13 +116,34 @@ class Settings:
         return max(0.05, self.message_timeout_ms / 1000 * 0.8)
 
     def redacted(self) -> dict[str, Any]:
+        """The settings as plain data, without the passwords in Redis and PostgreSQL URLs."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in ("redis_url", "postgres_dsn"):
-            value = getattr(self, name)
-            parts = urlsplit(value) if value else None
-            if parts is not None and parts.password:
-                out[name] = value.replace(f":{parts.password}@", ":***@")
+        out.update(_redacted_store_options(out))
+        out["tenants"] = {
+            name: {k: (str(v) if isinstance(v, Path) else v) for k, v in table.items()}
+            | _redacted_store_options(table)
+            for name, table in self.tenants.items()
+        }
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+
+def _redacted_url(url: str) -> str:
+    try:
+        password = urlsplit(url).password
+    except ValueError:  # e.g. a malformed port: nothing to find, show it as given
+        return url
+    return url.replace(f":{password}@", ":***@") if password else url
+
+
+def _redacted_store_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The URL-valued store options of a settings or tenant mapping, passwords masked."""
+    out: dict[str, Any] = {}
+    for name in ("redis_url", "postgres_dsn"):
+        if options.get(name):
+            out[name] = _redacted_url(str(options[name]))
+    if options.get("redis_urls"):
+        out["redis_urls"] = [_redacted_url(str(url)) for url in options["redis_urls"]]
+    return out
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -124,6 +166,13 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError("not an integer")
             return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("not a number")
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError(f"not a finite number: {value!r}")
+            return number
         if kind.startswith("Path"):
             if value in (None, ""):
                 if kind == "Path":
@@ -131,8 +180,7 @@ def _coerce(name: str, value: Any) -> Any:
                 return None
             return Path(str(value)).expanduser()
         if kind.startswith("tuple"):
-            items = value if isinstance(value, list | tuple) else str(value).split(",")
-            return tuple(str(i).strip() for i in items if str(i).strip())
+            return split_list(value, urls=name == "redis_urls")
         if kind.startswith("dict"):
             return _tenants(value)
         if kind == "str | None":
@@ -142,8 +190,24 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: {exc}") from None
 
 
+def split_list(value: Any, *, urls: bool = False) -> tuple[str, ...]:
+    """A list setting from a TOML array, a comma-separated string, or repeated flags (a list
+    whose items may themselves be comma-separated). `urls`: split only at commas that start a
+    new URL, so the host lists of Sentinel and Cluster URLs stay whole."""
+    items = value if isinstance(value, list | tuple) else [value]
+    out: list[str] = []
+    for item in items:
+        parts = [p.strip() for p in str(item).split(",")]
+        for part in parts:
+            if urls and out and part and not _URL_START.match(part) and "://" in out[-1]:
+                out[-1] += "," + part  # another host of the previous URL
+            elif part:
+                out.append(part)
+    return tuple(out)
+
+
 TENANT_KEYS = frozenset(
-    {"redis_url", "redis_prefix", "postgres_dsn", "postgres_schema", "sqlite_path"}
+    {"redis_url", "redis_urls", "redis_prefix", "postgres_dsn", "postgres_schema", "sqlite_path"}
 )
 
 
@@ -155,11 +219,16 @@ def _tenants(value: Any) -> dict[str, dict[str, Any]]:
         unknown = set(table) - TENANT_KEYS
         if unknown or not name:
             raise ValueError(f"tenant {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
-        out[name] = {
-            k: (Path(str(v)).expanduser() if k == "sqlite_path" else str(v))
-            for k, v in table.items()
-        }
+        out[name] = {k: _tenant_value(k, v) for k, v in table.items()}
     return out
+
+
+def _tenant_value(key: str, value: Any) -> Any:
+    if key == "sqlite_path":
+        return Path(str(value)).expanduser()
+    if key == "redis_urls":
+        return split_list(value, urls=True)
+    return str(value)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -236,20 +305,9 @@ def validate(s: Settings) -> None:
     unknown = set(s.identity_sources) - set(IDENTITY_SOURCES)
     if unknown or not s.identity_sources:
         raise ConfigError(f"identity_sources: choose from {', '.join(IDENTITY_SOURCES)}")
-    redis_schemes = {
-        "redis",
-        "rediss",
-        "unix",
-        "redis+sentinel",
-        "redis+cluster",
-        "rediss+cluster",
-        "rediss+sentinel",
-    }
-    if s.redis_url and urlsplit(s.redis_url).scheme not in redis_schemes:
-        raise ConfigError(
-            "redis_url: expected redis://, rediss://, unix://, "
-            "redis+sentinel:// or redis+cluster://"
-        )
+    _validate_warm_tier("", s.redis_url, s.redis_urls)
+    for tenant, table in s.tenants.items():
+        _validate_warm_tier(tenant, table.get("redis_url"), table.get("redis_urls", ()))
     if s.postgres_dsn and urlsplit(s.postgres_dsn).scheme not in {"postgresql", "postgres"}:
         raise ConfigError("postgres_dsn: expected postgresql://")
     if not 1024 <= s.max_body_bytes <= 512 * 1024 * 1024:
@@ -262,3 +320,39 @@ def validate(s: Settings) -> None:
         raise ConfigError("pending_wait_ms: must stay below 80% of message_timeout_ms")
     if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log_level: debug, info, warning or error")
+    if s.hot_ttl_s < 0:
+        raise ConfigError("hot_ttl_s: 0 (no expiry) or more seconds")
+
+
+def _validate_warm_tier(tenant: str, redis_url: str | None, redis_urls: tuple[str, ...]) -> None:
+    """One node (`redis_url`) or several (`redis_urls`), never both; every URL a Redis one;
+    no node listed twice (it would be two shards of one server)."""
+    where = f"tenants.{tenant}." if tenant else ""
+    if redis_url and redis_urls:
+        raise ConfigError(
+            f"{where}redis_urls: set either redis_url (one Redis) or redis_urls (sessions "
+            "sharded over several), not both (an empty value clears a setting from a lower layer)"
+        )
+    for name, url in [("redis_url", redis_url), *(("redis_urls", u) for u in redis_urls)]:
+        if not url:
+            continue
+        scheme = urlsplit(url).scheme
+        if scheme not in REDIS_SCHEMES:
+            raise ConfigError(
+                f"{where}{name}: expected redis://, rediss://, unix://, "
+                f"redis+sentinel:// or redis+cluster:// (got {_redacted_url(url)!r})"
+            )
+        if "," in url and not scheme.endswith(("+sentinel", "+cluster")):
+            # Most likely two URLs where the second lost its scheme (see split_list).
+            raise ConfigError(
+                f"{where}{name}: one host per {scheme}:// URL (got {_redacted_url(url)!r})"
+            )
+    # Imported here: `store` pulls in every backend, which reading a config file does not need.
+    from store.sharded import shard_name
+
+    seen: set[str] = set()
+    for url in redis_urls:
+        name = shard_name(url)
+        if name in seen:
+            raise ConfigError(f"{where}redis_urls: {name} is listed twice")
+        seen.add(name)

@@ -45,6 +45,24 @@ class ExtProcService:
         log.info("stopped; counters: %s", self.metrics.snapshot())
 
 
+def store_options(settings: Settings) -> dict[str, Any]:
+    """The default store's `open_store` options (pinned tenants override some of them)."""
+    return {
+        "sqlite_path": settings.sqlite_file,
+        "hot_max_bytes": settings.hot_max_bytes,
+        # 0 means no idle expiry; the hot tier takes None for that.
+        "hot_ttl_s": settings.hot_ttl_s or None,
+        "commit_interval_ms": settings.commit_interval_ms,
+        "postgres_dsn": settings.postgres_dsn,
+        "postgres_schema": settings.postgres_schema,
+        "redis_url": settings.redis_url,
+        "redis_urls": settings.redis_urls,
+        "redis_prefix": settings.redis_prefix,
+        "redis_ttl_s": settings.redis_ttl_s,
+        "redis_max_turns": settings.redis_max_turns,
+    }
+
+
 async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcService:
     """`create_key`: `up` makes the HMAC key on first start; `serve` requires it to exist."""
     key = load_hmac_key(settings.hmac_key_path, create=create_key)
@@ -55,20 +73,7 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
         tenant_claim=settings.tenant_claim,
         allow_anonymous=settings.allow_anonymous,
     )
-    store = await open_router(
-        {
-            "sqlite_path": settings.sqlite_file,
-            "hot_max_bytes": settings.hot_max_bytes,
-            "commit_interval_ms": settings.commit_interval_ms,
-            "postgres_dsn": settings.postgres_dsn,
-            "postgres_schema": settings.postgres_schema,
-            "redis_url": settings.redis_url,
-            "redis_prefix": settings.redis_prefix,
-            "redis_ttl_s": settings.redis_ttl_s,
-            "redis_max_turns": settings.redis_max_turns,
-        },
-        settings.tenants,
-    )
+    store = await open_router(store_options(settings), settings.tenants)
     metrics = Metrics()
     rewriter = Rewriter(settings, resolver, store, metrics)
     try:

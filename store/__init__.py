@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from store.base import StoreError, StoreUnavailable, TurnBackend
@@ -78,16 +79,21 @@ async def open_store(
     postgres_dsn: str | None = None,
     postgres_schema: str = "sessiongate",
     redis_url: str | None = None,
+    redis_urls: Sequence[str] = (),
     redis_prefix: str = "sg",
     redis_ttl_s: int = 86400,
     redis_max_turns: int = 2000,
 ) -> SessionStore:
-    """Build and start a store: memory hot tier; Redis warm tier when `redis_url` is given;
-    PostgreSQL cold tier when `postgres_dsn` is given, else SQLite when `sqlite_path` is
-    (memory only without either, for tests and development)."""
+    """Build and start a store: memory hot tier (idle sessions leave it after `hot_ttl_s`
+    when given); Redis warm tier when `redis_url` is given, or sessions sharded over the nodes
+    of `redis_urls` (`ShardedRedis`; exclusive with `redis_url`); PostgreSQL cold tier when
+    `postgres_dsn` is given, else SQLite when `sqlite_path` is (memory only without either,
+    for tests and development)."""
+    if redis_url and redis_urls:
+        raise ValueError("redis_url and redis_urls are exclusive: one Redis, or several")
     hot = MemoryBackend(hot_max_bytes, ttl_s=hot_ttl_s)
     cold: TurnBackend | None = None
-    warm: RedisBackend | None = None
+    warm: WarmBackend | None = None
     store: SessionStore | None = None
     try:
         if postgres_dsn:
@@ -96,10 +102,12 @@ async def open_store(
             )
         elif sqlite_path is not None:
             cold = await SQLiteBackend.open(sqlite_path, commit_interval_ms=commit_interval_ms)
-        if redis_url:
-            warm = RedisBackend.from_url(
-                redis_url, prefix=redis_prefix, ttl_s=redis_ttl_s, max_turns=redis_max_turns
-            )
+        warm = _warm_tier(
+            [redis_url] if redis_url else list(redis_urls),
+            prefix=redis_prefix,
+            ttl_s=redis_ttl_s,
+            max_turns=redis_max_turns,
+        )
         store = SessionStore(
             hot,
             cold,
@@ -120,3 +128,15 @@ async def open_store(
                     await cold.close()
         raise
     return store
+
+
+def _warm_tier(urls: list[str], *, prefix: str, ttl_s: int, max_turns: int) -> WarmBackend | None:
+    """No warm tier, one Redis, or sessions sharded over several (every node gets the same
+    prefix, TTL and trim, so a session's keys look the same whichever node holds them)."""
+    if not urls:
+        return None
+    if len(urls) == 1:
+        # One node however it was given: a one-shard ShardedRedis would store the very same
+        # keys (same prefix, same hash tags), only through an extra hop.
+        return RedisBackend.from_url(urls[0], prefix=prefix, ttl_s=ttl_s, max_turns=max_turns)
+    return ShardedRedis.from_urls(urls, prefix=prefix, ttl_s=ttl_s, max_turns=max_turns)

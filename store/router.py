@@ -27,10 +27,11 @@ turn was in flight) goes to the default store, which counts it as an unknown tur
 expired one. Tags are checked for collisions when the router is built.
 
 `open_router(default_options, tenants)` builds every store with `open_store`. A tenant's options
-are the default options overridden by its own; a tenant must not share a cold tier location
-(PostgreSQL DSN + schema, or SQLite file) or a warm one (Redis server + prefix) with the default
-store or with another tenant: that is refused when the router is built, so isolation never
-depends on remembering to change a prefix.
+are the default options overridden by its own (a tenant's `redis_url` or `redis_urls` replaces
+the default warm tier as a whole); a tenant must not share a cold tier location (PostgreSQL
+DSN + schema, or SQLite file) or a warm one (Redis server + prefix, for every node of a sharded
+warm tier) with the default store or with another tenant: that is refused when the router is
+built, so isolation never depends on remembering to change a prefix.
 """
 
 from __future__ import annotations
@@ -227,12 +228,16 @@ async def open_router(
         unknown = set(options) - set(parameters)
         if unknown:
             raise ValueError(f"{label}: unknown store option(s) {', '.join(sorted(unknown))}")
-        merged = {**defaults, **default_options, **options}
-        for location in _locations(merged):
+        merged = {**defaults, **_with_own_warm_tier(default_options, options)}
+        if merged.get("redis_url") and merged.get("redis_urls"):
+            raise ValueError(f"{label}: redis_url and redis_urls are exclusive")
+        # A node listed twice in one store's redis_urls is not sharing with another store
+        # (ShardedRedis refuses it with its own message).
+        for location in dict.fromkeys(_locations(merged)):
             if location in owners:
                 raise ValueError(
                     f"{label} shares {location.split(':', 1)[0]} storage with {owners[location]}:"
-                    " give it its own (redis_url or redis_prefix; postgres_dsn or"
+                    " give it its own (redis_url, redis_urls or redis_prefix; postgres_dsn or"
                     " postgres_schema; sqlite_path)"
                 )
             owners[location] = label
@@ -252,6 +257,22 @@ async def open_router(
     return StoreRouter(default, stores)
 
 
+_WARM_TIER = ("redis_url", "redis_urls")
+
+
+def _with_own_warm_tier(
+    default_options: Mapping[str, Any], options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A tenant's options over the defaults. A tenant naming its own Redis (one node or
+    several) replaces the default warm tier as a whole rather than adding to it: `redis_url`
+    under a default `redis_urls` means "this one server", not "this one too"."""
+    merged = {**default_options, **options}
+    if any(name in options for name in _WARM_TIER):
+        for name in _WARM_TIER:
+            merged[name] = options.get(name, None if name == "redis_url" else ())
+    return merged
+
+
 def _locations(options: Mapping[str, Any]) -> list[str]:
     """Where a store's shared tiers live, credentials left out (memory is per store)."""
     locations = []
@@ -260,8 +281,8 @@ def _locations(options: Mapping[str, Any]) -> list[str]:
         locations.append(f"postgres:{dsn}#{options.get('postgres_schema')}")
     elif options.get("sqlite_path") is not None:
         locations.append(f"sqlite:{os.path.abspath(options['sqlite_path'])}")
-    # `redis_urls` (a ShardedRedis warm tier), should open_store take one: any node shared
-    # with another store under the same prefix is shared storage.
+    # Every node of a sharded warm tier counts: a node shared with another store under the
+    # same prefix is shared storage, whichever sessions the hashing happens to put there.
     urls = [options.get("redis_url"), *(options.get("redis_urls") or ())]
     for url in filter(None, urls):
         locations.append(f"redis:{shard_name(str(url))}#{options['redis_prefix']}")

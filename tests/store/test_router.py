@@ -202,6 +202,23 @@ PG_B = {"postgres_dsn": "postgresql://u:b@h/db"}  # the same place, another pass
         ),
         ({"postgres_dsn": "postgresql://h/db", "postgres_schema": "s"}, {}, "postgres"),
         ({"sqlite_path": Path("a.db")}, {"sqlite_path": Path("./a.db")}, "sqlite"),
+        # Sharded warm tiers: every node counts, whatever the hashing puts on it.
+        ({"redis_urls": ["redis://h:1/0", "redis://h:2/0"]}, {}, "redis"),
+        (
+            {"redis_urls": ["redis://h:1/0", "redis://h:2/0"]},
+            {"redis_urls": ["redis://h:3/0", "redis://u:pw@h:2/0"]},
+            "redis",
+        ),
+        (
+            {"redis_urls": ["redis://h:1/0", "redis://h:2/0"]},
+            {"redis_url": "redis://h:2/0"},
+            "redis",
+        ),
+        (
+            {"redis_url": "redis://h:1/0"},
+            {"redis_urls": ["redis://h:1/0", "redis://h:9/0"]},
+            "redis",
+        ),
     ],
 )
 async def test_a_tenant_sharing_a_tier_location_is_refused(
@@ -219,6 +236,9 @@ async def test_two_tenants_sharing_a_location_are_refused_and_typos_too() -> Non
         await open_router({}, {"a": {"redis_ulr": "redis://h:1"}})
     with pytest.raises(ValueError, match="empty tenant"):
         await open_router({}, {"": {}})
+    both = {"redis_url": "redis://h:1/0", "redis_urls": ["redis://h:2/0", "redis://h:3/0"]}
+    with pytest.raises(ValueError, match="tenant 'a': redis_url and redis_urls are exclusive"):
+        await open_router({}, {"a": both})
 
 
 async def test_memory_only_tenants_need_no_locations() -> None:

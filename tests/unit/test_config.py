@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from extproc.cli import build_parser, main
 from extproc.config import (
     ConfigError,
     Settings,
@@ -16,6 +20,8 @@ from extproc.config import (
     settings_from_env,
     split_host_port,
 )
+from extproc.runtime import store_options
+from store import open_store
 
 Env = dict[str, str]
 
@@ -484,3 +490,173 @@ def test_server_deadline(timeout: int, deadline: float) -> None:
 
 def test_server_deadline_floor() -> None:
     assert Settings(message_timeout_ms=10).server_deadline_s == pytest.approx(0.05)
+
+
+# --- redis_urls: sessions sharded over several Redis nodes -----------------------------------
+
+TWO = ("redis://10.0.0.1:6379/0", "redis://10.0.0.2:6379/0")
+
+
+def test_redis_urls_from_every_layer(tmp_path: Path) -> None:
+    path = write(tmp_path, f"version = 1\nredis_urls = {list(TWO)!r}\n".replace("'", '"'))
+    assert load(file=path).redis_urls == TWO
+    assert load(env={"SESSIONGATE_REDIS_URLS": ",".join(TWO)}).redis_urls == TWO
+    assert load(env={"SESSIONGATE_REDIS_URLS": f" {TWO[0]} , {TWO[1]} ,"}).redis_urls == TWO
+    # A repeated flag arrives as a list; each value may itself be comma-separated.
+    three = [TWO[0], f"{TWO[1]},redis://10.0.0.3:6379/0"]
+    assert load(flags={"redis_urls": three}).redis_urls == (*TWO, "redis://10.0.0.3:6379/0")
+    assert load().redis_urls == ()
+
+
+def test_redis_urls_precedence(tmp_path: Path) -> None:
+    path = write(tmp_path, f'version = 1\nredis_urls = ["{TWO[0]}"]\n')
+    env = {"SESSIONGATE_REDIS_URLS": TWO[1]}
+    assert load(file=path).redis_urls == (TWO[0],)
+    assert load(file=path, env=env).redis_urls == (TWO[1],)
+    assert load(file=path, env=env, flags={"redis_urls": list(TWO)}).redis_urls == TWO
+
+
+def test_redis_urls_keep_the_host_lists_of_sentinel_and_cluster_urls() -> None:
+    value = "redis+sentinel://:pw@s1:26379,s2:26379/main/0,redis+cluster://c1:7000,c2:7000"
+    assert load(env={"SESSIONGATE_REDIS_URLS": value}).redis_urls == (
+        "redis+sentinel://:pw@s1:26379,s2:26379/main/0",
+        "redis+cluster://c1:7000,c2:7000",
+    )
+
+
+def test_redis_url_and_redis_urls_are_exclusive(tmp_path: Path) -> None:
+    msg = error_of(flags={"redis_url": TWO[0], "redis_urls": [TWO[1]]})
+    assert msg.startswith("redis_urls") and "not both" in msg
+    # Across layers too: the file's redis_url and the environment's redis_urls clash...
+    path = write(tmp_path, f'version = 1\nredis_url = "{TWO[0]}"\n')
+    assert "not both" in error_of(file=path, env={"SESSIONGATE_REDIS_URLS": TWO[1]})
+    # ...unless a higher layer clears one with an empty value.
+    env = {"SESSIONGATE_REDIS_URLS": TWO[1], "SESSIONGATE_REDIS_URL": ""}
+    assert load(file=path, env=env).redis_urls == (TWO[1],)
+
+
+@pytest.mark.parametrize(
+    ("urls", "expected"),
+    [
+        (["http://10.0.0.1:6379"], "expected redis://"),
+        ([TWO[0], "redis://u:pw@10.0.0.1:6379/0"], "10.0.0.1:6379/0 is listed twice"),
+        (["redis://10.0.0.1:6379/0, 10.0.0.2:6379/0"], "one host per redis:// URL"),
+    ],
+)
+def test_bad_redis_urls(urls: list[str], expected: str) -> None:
+    msg = error_of(flags={"redis_urls": urls})
+    assert msg.startswith("redis_urls") and expected in msg
+    assert "pw" not in msg
+
+
+def test_tenants_may_shard_too(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "version = 1\n"
+        f'redis_url = "{TWO[0]}"\n'
+        "[tenants.acme]\n"
+        'redis_urls = ["redis://10.0.1.1:6379/0", "redis://10.0.1.2:6379/0"]\n'
+        "[tenants.globex]\n"
+        'redis_urls = "redis://10.0.2.1:6379/0,redis://10.0.2.2:6379/0"\n',
+    )
+    tenants = load(file=path).tenants
+    assert tenants["acme"]["redis_urls"] == ("redis://10.0.1.1:6379/0", "redis://10.0.1.2:6379/0")
+    assert tenants["globex"]["redis_urls"] == ("redis://10.0.2.1:6379/0", "redis://10.0.2.2:6379/0")
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (f'redis_url = "{TWO[0]}"\nredis_urls = ["{TWO[1]}"]\n', "tenants.acme.redis_urls"),
+        ('redis_urls = ["http://x:1"]\n', "tenants.acme.redis_urls: expected"),
+        ('redis_url = "http://x:1"\n', "tenants.acme.redis_url: expected"),
+    ],
+)
+def test_bad_tenant_warm_tier(tmp_path: Path, table: str, expected: str) -> None:
+    path = write(tmp_path, f"version = 1\n[tenants.acme]\n{table}")
+    assert error_of(file=path).startswith(expected)
+
+
+def test_redacted_hides_passwords_in_redis_urls_and_tenants(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "version = 1\n"
+        'redis_urls = ["redis://:pw1secret@a:1/0", "redis://b:2/0"]\n'
+        "[tenants.acme]\n"
+        'redis_url = "rediss://u:pw2secret@c:3/0"\n'
+        'postgres_dsn = "postgresql://sg:pw3secret@pg/db"\n'
+        f'sqlite_path = "{tmp_path / "acme.db"}"\n',
+    )
+    out = load(file=path).redacted()
+    assert out["redis_urls"] == ["redis://:***@a:1/0", "redis://b:2/0"]
+    assert out["tenants"]["acme"]["redis_url"] == "rediss://u:***@c:3/0"
+    assert out["tenants"]["acme"]["postgres_dsn"] == "postgresql://sg:***@pg/db"
+    assert out["tenants"]["acme"]["sqlite_path"] == str(tmp_path / "acme.db")
+    assert "secret" not in json.dumps(out)
+
+
+# --- hot_ttl_s -----------------------------------------------------------------------------
+
+
+def test_hot_ttl_default_is_no_expiry() -> None:
+    assert load().hot_ttl_s == 0
+    assert store_options(load())["hot_ttl_s"] is None
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("2.5", 2.5), ("300", 300.0), ("0", 0.0)])
+def test_hot_ttl_parsing(value: str, seconds: float) -> None:
+    settings = load(env={"SESSIONGATE_HOT_TTL_S": value})
+    assert settings.hot_ttl_s == seconds
+    assert store_options(settings)["hot_ttl_s"] == (seconds or None)
+
+
+def test_hot_ttl_from_the_file(tmp_path: Path) -> None:
+    assert load(file=write(tmp_path, "version = 1\nhot_ttl_s = 90\n")).hot_ttl_s == 90.0
+    assert error_of(file=write(tmp_path, "version = 1\nhot_ttl_s = true\n")).startswith("hot_ttl_s")
+
+
+@pytest.mark.parametrize("value", ["-1", "-0.5", "nan", "inf", "soon", ""])
+def test_bad_hot_ttl(value: str) -> None:
+    assert error_of(env={"SESSIONGATE_HOT_TTL_S": value}).startswith("hot_ttl_s")
+
+
+def test_store_options_are_open_store_options() -> None:
+    """What runtime hands to open_router: every key an open_store parameter, every setting
+    that shapes the store present."""
+    settings = load(flags={"redis_urls": list(TWO), "hot_ttl_s": 7})
+    options = store_options(settings)
+    assert set(options) <= set(inspect.signature(open_store).parameters)
+    assert options["redis_urls"] == TWO and options["redis_url"] is None
+    assert options["hot_ttl_s"] == 7.0
+    assert options["sqlite_path"] == settings.sqlite_file
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_list_flags_repeat_and_split(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        [
+            *("config", "check", "--state-dir", str(tmp_path)),
+            *("--redis-urls", TWO[0], "--redis-urls", TWO[1]),
+            *("--identity-sources", "jwt", "--identity-sources", "api-key"),
+            *("--ext-proc-endpoints", "h:1,h:2"),
+        ]
+    )
+    assert args.redis_urls == list(TWO)
+    settings = load(flags={k: v for k, v in vars(args).items() if k in dir(Settings)})
+    assert settings.redis_urls == TWO
+    assert settings.ext_proc_endpoints == ("h:1", "h:2")
+    assert settings.identity_sources == ("jwt", "api-key")
+
+
+def test_config_check_names_the_redis_clash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [k for k in os.environ if k.startswith("SESSIONGATE_")]:
+        monkeypatch.delenv(name)
+    argv = ["config", "check", "--redis-url", TWO[0], "--redis-urls", TWO[1]]
+    assert main(argv) == 2
+    assert "redis_urls: set either redis_url" in capsys.readouterr().err
+    assert main(["config", "check", "--redis-urls", ",".join(TWO)]) == 0
+    assert json.loads(capsys.readouterr().out)["redis_urls"] == list(TWO)
