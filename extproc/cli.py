@@ -59,8 +59,19 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, for_up: bool) -> Non
     _add_remaining_settings(parser, for_up=for_up)
 
 
-# Settings only `up` (or `envoy-config`) uses: the listener and the provider.
-_UP_ONLY = {"upstream", "listen", "tls", "upstream_ca_file", "ext_proc_endpoints"}
+# Settings only `up` (or `envoy-config`) uses: the listener, the provider, Envoy's JWT filter.
+_UP_ONLY = {
+    "upstream",
+    "listen",
+    "tls",
+    "upstream_ca_file",
+    "ext_proc_endpoints",
+    "jwt_jwks_file",
+    "jwt_issuer",
+    "jwt_audiences",
+    "jwt_required",
+    "jwt_header",
+}
 # Settings that only make sense as TOML tables.
 _FILE_ONLY = {"tenants"}
 

@@ -24,6 +24,9 @@ ENV_PREFIX = "SESSIONGATE_"
 
 _HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 IDENTITY_SOURCES = ("jwt", "mtls", "api-key")
+# Envoy's jwt_authn filter always writes verified payloads under its own name, whatever the
+# filter instance is called (see envoy_config.jwt_authn_filter).
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
 REDIS_SCHEMES = frozenset(
     {
         "redis",
@@ -79,8 +82,15 @@ class Settings:
     fail_open: bool = True
     allow_anonymous: bool = False
     identity_sources: tuple[str, ...] = ("jwt", "api-key")  # "mtls" is opt-in
-    jwt_metadata_namespace: str = "envoy.filters.http.jwt_authn"
+    jwt_metadata_namespace: str = JWT_AUTHN_NAMESPACE
     tenant_claim: str = "tenant"
+    # --- JWT verified by Envoy (`up`/`envoy-config` add a jwt_authn filter when set) ---
+    jwt_jwks_file: Path | None = None  # local JWKS file Envoy verifies signatures with
+    jwt_issuer: str = ""  # required with jwt_jwks_file: tokens must carry this `iss`
+    jwt_audiences: tuple[str, ...] = ()  # accepted `aud` values; empty: not checked
+    # False: a request without a JWT keeps its API-key identity; True: Envoy answers 401.
+    jwt_required: bool = False
+    jwt_header: str = "authorization"  # `Authorization: Bearer <jwt>`, or a header of its own
     # --- limits and timings ---
     max_body_bytes: int = 8 * 1024 * 1024
     # The largest body sent upstream after history is injected (0: 4 x max_body_bytes).
@@ -322,6 +332,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("log_level: debug, info, warning or error")
     if s.hot_ttl_s < 0:
         raise ConfigError("hot_ttl_s: 0 (no expiry) or more seconds")
+    _validate_jwt(s)
 
 
 def _validate_warm_tier(tenant: str, redis_url: str | None, redis_urls: tuple[str, ...]) -> None:
@@ -356,3 +367,26 @@ def _validate_warm_tier(tenant: str, redis_url: str | None, redis_urls: tuple[st
         if name in seen:
             raise ConfigError(f"{where}redis_urls: {name} is listed twice")
         seen.add(name)
+
+
+def _validate_jwt(s: Settings) -> None:
+    """The jwt_* settings describe Envoy's jwt_authn filter; they need its JWKS file, and the
+    filter only helps if its output reaches the identity resolver."""
+    if s.jwt_jwks_file is None:
+        for name in ("jwt_issuer", "jwt_audiences", "jwt_required", "jwt_header"):
+            if getattr(s, name) != _FIELDS[name].default:
+                raise ConfigError(f"{name}: needs jwt_jwks_file (the JWKS that verifies tokens)")
+        return
+    if not s.jwt_issuer:
+        raise ConfigError("jwt_issuer: required with jwt_jwks_file (the tokens' `iss`)")
+    if s.jwt_metadata_namespace != JWT_AUTHN_NAMESPACE:
+        raise ConfigError(
+            f"jwt_metadata_namespace: Envoy's jwt_authn filter writes {JWT_AUTHN_NAMESPACE}; "
+            "leave it at that when jwt_jwks_file is set"
+        )
+    if "jwt" not in s.identity_sources:
+        raise ConfigError("identity_sources: add jwt, or the verified tokens are ignored")
+    if not _HEADER_NAME.fullmatch(s.jwt_header):
+        raise ConfigError(f"jwt_header: not a lower-case header name: {s.jwt_header!r}")
+    if s.jwt_header in {s.session_header, s.session_op_header}:
+        raise ConfigError("jwt_header: must differ from session_header and session_op_header")

@@ -1,13 +1,15 @@
 """The Envoy bootstrap for `sessiongate up`, built as data (dumped to YAML for Envoy).
 
-Layout: one listener (TLS by default) -> HTTP connection manager -> rewrite ext_proc (blocking)
--> capture ext_proc (observability mode) -> router -> the provider. Only the chat route with a
-session header runs the filters; every other route disables both per route, so it costs nothing.
+Layout: one listener (TLS by default) -> HTTP connection manager -> [jwt_authn, when
+`jwt_jwks_file` is set] -> rewrite ext_proc (blocking) -> capture ext_proc (observability mode)
+-> router -> the provider. Only the chat route with a session header runs the ext_proc filters;
+every other route disables both per route, so it costs nothing.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from urllib.parse import urlsplit
 
 import certifi
 
-from extproc.config import Settings, split_host_port
+from extproc.config import JWT_AUTHN_NAMESPACE, ConfigError, Settings, split_host_port
 from extproc.mutations import AFFINITY_KEY, METADATA_NAMESPACE, PASS_THROUGH_MODE
 
 EXT_PROC_CLUSTER = "sessiongate_ext_proc"
@@ -28,6 +30,12 @@ _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_JWT_AUTHN = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3"
+JWT_FILTER = JWT_AUTHN_NAMESPACE  # the filter's canonical name is its metadata namespace
+JWT_PROVIDER = "sessiongate"
+# The key of the verified payload in jwt_authn's metadata namespace. extproc.identity takes
+# any entry of the namespace that has a `sub`, so the name only has to be stable.
+JWT_PAYLOAD_KEY = "payload"
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +161,69 @@ def capture_filter(affinity: bool = False) -> dict[str, Any]:
     }
 
 
+def jwt_authn_filter(settings: Settings) -> dict[str, Any] | None:
+    """Envoy's JWT verification in front of rewrite, or None without `jwt_jwks_file`.
+
+    The verified payload goes to dynamic metadata (namespace `envoy.filters.http.jwt_authn`,
+    forwarded to rewrite), where identity.py takes `sub`, `iss`, the tenant claim and scopes.
+    `forward: false`: the token is removed once verified. It identifies the caller to the
+    gateway; the provider has no use for it, and a third party should never see it.
+    """
+    if settings.jwt_jwks_file is None:
+        return None
+    shares_authorization = settings.jwt_header == "authorization"
+    provider: dict[str, Any] = {
+        "issuer": settings.jwt_issuer,
+        **({"audiences": list(settings.jwt_audiences)} if settings.jwt_audiences else {}),
+        "local_jwks": {"filename": str(settings.jwt_jwks_file)},
+        "forward": False,
+        # Explicit, so no other location (the default `access_token` query parameter) counts.
+        "from_headers": [
+            {"name": "authorization", "value_prefix": "Bearer "}
+            if shares_authorization
+            else {"name": settings.jwt_header}
+        ],
+        "payload_in_metadata": JWT_PAYLOAD_KEY,
+    }
+    return {
+        "name": JWT_FILTER,
+        "typed_config": {
+            "@type": f"{_JWT_AUTHN}.JwtAuthentication",
+            "providers": {JWT_PROVIDER: provider},
+            # Every route: the gateway's authentication does not depend on the path.
+            "rules": [{"match": {"prefix": "/"}, "requires": _jwt_requirement(settings)}],
+        },
+    }
+
+
+def _jwt_requirement(settings: Settings) -> dict[str, Any]:
+    """jwt_required: a valid token or 401. Otherwise a missing token is fine (the API-key
+    identity applies); a token that fails verification is a 401 when it has a header of its
+    own, but not in `Authorization`, where API keys travel too and Envoy cannot tell a bad JWT
+    from an API key: there it is left for the API-key identity (it never yields a JWT identity
+    or a tenant)."""
+    if settings.jwt_required:
+        return {"provider_name": JWT_PROVIDER}
+    if settings.jwt_header == "authorization":
+        return {"allow_missing_or_failed": {}}
+    return {
+        "requires_any": {"requirements": [{"provider_name": JWT_PROVIDER}, {"allow_missing": {}}]}
+    }
+
+
+def check_jwks_file(path: Path) -> None:
+    """A readable JWKS (`{"keys": [...]}`), checked before Envoy starts: Envoy's own error for
+    a bad one is a config rejection that names neither the file nor the setting."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"jwt_jwks_file: cannot read {path}: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"jwt_jwks_file: {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list) or not data["keys"]:
+        raise ConfigError(f'jwt_jwks_file: {path} is not a JWKS ({{"keys": [...]}})')
+
+
 def _disabled_filters() -> dict[str, Any]:
     disabled = {"@type": f"{_EXT_PROC}.ExtProcPerRoute", "disabled": True}
     return {REWRITE_FILTER: disabled, CAPTURE_FILTER: disabled}
@@ -276,6 +347,7 @@ def http_connection_manager(
                 ],
             },
             "http_filters": [
+                *filter(None, [jwt_authn_filter(settings)]),
                 rewrite_filter(settings, affinity),
                 capture_filter(affinity),
                 {

@@ -24,7 +24,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.config import Settings
-from extproc.envoy_config import bootstrap
+from extproc.envoy_config import bootstrap, check_jwks_file
 from extproc.runtime import ExtProcService, start_ext_proc
 from extproc.tls import ensure_local_tls
 
@@ -132,6 +132,8 @@ class EnvoyProcess:
 
 
 async def run_up(settings: Settings) -> int:
+    if settings.jwt_jwks_file is not None:
+        check_jwks_file(settings.jwt_jwks_file)  # ConfigError: exit 2, nothing started
     settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     tls = ensure_local_tls(settings.state_dir / "tls") if settings.tls else None
     stop = asyncio.Event()

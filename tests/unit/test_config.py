@@ -631,6 +631,48 @@ def test_store_options_are_open_store_options() -> None:
     assert options["sqlite_path"] == settings.sqlite_file
 
 
+# --- JWT -------------------------------------------------------------------------------------
+
+JWT = {"jwt_jwks_file": "/etc/sessiongate/jwks.json", "jwt_issuer": "https://idp.example"}
+
+
+def test_jwt_settings() -> None:
+    s = load(flags={**JWT, "jwt_audiences": ["a,b", "c"], "jwt_required": "yes"})
+    assert s.jwt_jwks_file == Path("/etc/sessiongate/jwks.json")
+    assert s.jwt_audiences == ("a", "b", "c")
+    assert s.jwt_required is True
+    assert s.jwt_header == "authorization"
+    assert load().jwt_jwks_file is None and load().jwt_required is False
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"jwt_issuer": "https://idp.example"},
+        {"jwt_audiences": "a"},
+        {"jwt_required": "true"},
+        {"jwt_header": "x-jwt"},
+    ],
+)
+def test_jwt_settings_need_a_jwks_file(setting: dict[str, str]) -> None:
+    name = next(iter(setting))
+    assert error_of(flags=setting) == f"{name}: needs jwt_jwks_file (the JWKS that verifies tokens)"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"jwt_issuer": ""}, "jwt_issuer: required"),
+        ({"jwt_metadata_namespace": "my.jwt"}, "jwt_metadata_namespace"),
+        ({"identity_sources": "api-key"}, "identity_sources: add jwt"),
+        ({"jwt_header": "Authorization"}, "jwt_header: not a lower-case header name"),
+        ({"jwt_header": "x-session-id"}, "jwt_header: must differ"),
+    ],
+)
+def test_bad_jwt_settings(extra: dict[str, str], expected: str) -> None:
+    assert error_of(flags={**JWT, **extra}).startswith(expected)
+
+
 # --- the command line ------------------------------------------------------------------------
 
 

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from extproc.cli import main
-from extproc.config import Settings
-from extproc.envoy_config import CAPTURE_FILTER, REWRITE_FILTER, Upstream, bootstrap
+from extproc.config import ConfigError, Settings
+from extproc.envoy_config import (
+    CAPTURE_FILTER,
+    JWT_FILTER,
+    JWT_PAYLOAD_KEY,
+    JWT_PROVIDER,
+    REWRITE_FILTER,
+    Upstream,
+    bootstrap,
+    check_jwks_file,
+    jwt_authn_filter,
+)
 from extproc.supervisor import envoy_binary
+from tests.e2e.jwt_helpers import Issuer
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = {"sidecar.yaml": "127.0.0.1:10000", "compose.yaml": "0.0.0.0:10000"}
@@ -97,3 +110,110 @@ def test_only_the_chat_route_runs_the_filters() -> None:
     assert names == [REWRITE_FILTER, CAPTURE_FILTER, "envoy.filters.http.router"]
     capture = hcm["typed_config"]["http_filters"][1]["typed_config"]
     assert capture["observability_mode"] and capture["failure_mode_allow"]
+
+
+# --- JWT authentication ----------------------------------------------------------------------
+
+
+def jwt_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(Issuer("https://idp.test", "aud").jwks()))
+    options: dict[str, Any] = {"jwt_jwks_file": jwks, "jwt_issuer": "https://idp.test"}
+    return Settings(**{**options, **overrides})
+
+
+def http_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters: list[dict[str, Any]] = hcm["typed_config"]["http_filters"]
+    return filters
+
+
+def test_no_jwt_filter_without_a_jwks_file() -> None:
+    assert jwt_authn_filter(Settings()) is None
+    names = [f["name"] for f in http_filters(bootstrap(Settings(), [("127.0.0.1", 1)], None))]
+    assert JWT_FILTER not in names
+
+
+def test_the_jwt_filter_feeds_what_identity_reads(tmp_path: Path) -> None:
+    settings = jwt_settings(tmp_path, jwt_audiences=("a", "b"))
+    filters = http_filters(bootstrap(settings, [("127.0.0.1", 1)], None))
+    assert [f["name"] for f in filters][:2] == [JWT_FILTER, REWRITE_FILTER]
+    config = filters[0]["typed_config"]
+    provider = config["providers"][JWT_PROVIDER]
+    assert provider["issuer"] == "https://idp.test"
+    assert provider["audiences"] == ["a", "b"]
+    assert provider["local_jwks"] == {"filename": str(settings.jwt_jwks_file)}
+    assert provider["forward"] is False  # the provider never sees the caller's token
+    assert provider["payload_in_metadata"] == JWT_PAYLOAD_KEY
+    # The namespace jwt_authn writes is the one rewrite forwards to sessiongate.
+    rewrite = filters[1]["typed_config"]["metadata_options"]["forwarding_namespaces"]
+    assert settings.jwt_metadata_namespace == JWT_FILTER
+    assert JWT_FILTER in rewrite["untyped"]
+    assert config["rules"] == [
+        {"match": {"prefix": "/"}, "requires": {"allow_missing_or_failed": {}}}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("required", "header", "requirement"),
+    [
+        (True, "authorization", {"provider_name": JWT_PROVIDER}),
+        (True, "x-caller-jwt", {"provider_name": JWT_PROVIDER}),
+        (False, "authorization", {"allow_missing_or_failed": {}}),
+        (
+            False,
+            "x-caller-jwt",
+            {
+                "requires_any": {
+                    "requirements": [{"provider_name": JWT_PROVIDER}, {"allow_missing": {}}]
+                }
+            },
+        ),
+    ],
+)
+def test_jwt_requirement_and_header_validate(
+    tmp_path: Path, required: bool, header: str, requirement: dict[str, Any]
+) -> None:
+    settings = jwt_settings(tmp_path, jwt_required=required, jwt_header=header)
+    config = bootstrap(settings, [("127.0.0.1", 50051)], None)
+    jwt = http_filters(config)[0]["typed_config"]
+    assert jwt["rules"][0]["requires"] == requirement
+    expected = (
+        {"name": "authorization", "value_prefix": "Bearer "}
+        if header == "authorization"
+        else {"name": header}
+    )
+    assert jwt["providers"][JWT_PROVIDER]["from_headers"] == [expected]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = validate(path)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read"),
+        ("{not json", "is not JSON"),
+        ('{"keys": []}', "is not a JWKS"),
+        ("[1, 2]", "is not a JWKS"),
+    ],
+)
+def test_a_bad_jwks_file_is_named(tmp_path: Path, content: str | None, expected: str) -> None:
+    path = tmp_path / "jwks.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=f"jwt_jwks_file: .*{expected}"):
+        check_jwks_file(path)
+
+
+def test_up_refuses_a_missing_jwks_file_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        *("up", "--state-dir", str(tmp_path / "state"), "--listen", "127.0.0.1:0"),
+        *("--jwt-jwks-file", str(tmp_path / "missing.json"), "--jwt-issuer", "https://idp"),
+    ]
+    assert main(argv) == 2
+    assert "jwt_jwks_file: cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()

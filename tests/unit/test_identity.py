@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.config import Settings
+from extproc.envoy_config import JWT_FILTER, JWT_PAYLOAD_KEY
 from extproc.identity import (
     DEFAULT_TENANT,
     Identity,
@@ -336,6 +338,25 @@ def test_jwt_tenant_beats_metadata_tenant() -> None:
     }
     identity = resolver().resolve({}, meta, {})
     assert identity is not None and identity.tenant == "from-jwt"
+
+
+def test_the_generated_jwt_filters_metadata_resolves() -> None:
+    """What `sessiongate up` configures jwt_authn to write (its namespace, the payload key,
+    claims as Envoy's Struct gives them: numbers as floats, `aud` a list) is what the resolver
+    built from the same settings reads."""
+    settings = Settings()
+    payload = {
+        "iss": "https://idp",
+        "sub": "alice",
+        "aud": ["sessiongate"],
+        "exp": 1.9e9,
+        "tenant": "acme",
+        "scope": "chat memory",
+    }
+    r = resolver(jwt_namespace=settings.jwt_metadata_namespace, tenant_claim=settings.tenant_claim)
+    identity = r.resolve({}, {JWT_FILTER: {JWT_PAYLOAD_KEY: payload}}, {})
+    assert identity is not None and identity.principal.startswith("jwt:")
+    assert identity.tenant == "acme" and identity.scopes == ("chat", "memory")
 
 
 @pytest.mark.parametrize("value", ["", 7, None, ["acme"]])
