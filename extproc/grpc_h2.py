@@ -33,7 +33,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import hpack
 
@@ -133,13 +133,31 @@ class GrpcAbort(Exception):
 Handler = Callable[[AsyncIterator[Any]], AsyncIterator[Any]]
 
 
+class Observer(Protocol):
+    """Consumes a call's messages synchronously and never replies (Envoy's observability-mode
+    streams): no task and no wake-up per message, which is most of a streamed chunk's cost."""
+
+    def on_message(self, message: Any) -> bool:
+        """Take one request message (the first included); False ends the call (status OK)."""
+        ...
+
+    def on_end(self) -> None:
+        """Called exactly once, last, however the call ended (done, peer ended or reset)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Method:
-    """One gRPC method: how to read its requests, run it and write its replies."""
+    """One gRPC method: how to read its requests, run it and write its replies.
+
+    `observe`, when set, sees the first request message and may return an `Observer` that
+    takes the whole call instead of `handler` (None: `handler` runs, first message included).
+    """
 
     deserialize: Callable[[bytes], Any]
     serialize: Callable[[Any], bytes]
     handler: Handler
+    observe: Callable[[Any], Observer | None] | None = None
 
 
 class _Inbox:
@@ -188,10 +206,12 @@ class _Stream:
         "inbox",
         "local_closed",
         "method",
+        "observer",
         "out",
         "received",
         "remote_closed",
         "send_window",
+        "started",
         "task",
         "trailers",
     )
@@ -208,6 +228,8 @@ class _Stream:
         self.remote_closed = False
         self.local_closed = False
         self.task: asyncio.Task[None] | None = None
+        self.started = False  # the handler task runs, or an observer took the call
+        self.observer: Observer | None = None
         self.received = 0  # bytes since we last gave this stream credit back
 
 
@@ -437,6 +459,12 @@ class _Connection(asyncio.Protocol):
         if end_stream:
             stream.remote_closed = True
             stream.inbox.close()
+        if method.observe is None or end_stream:
+            self._start(stream, method)
+        # else: the first message decides between an observer and the handler (`_deliver`).
+
+    def _start(self, stream: _Stream, method: Method) -> None:
+        stream.started = True
         stream.task = self.loop.create_task(self._run(stream, method))
 
     def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -500,11 +528,59 @@ class _Connection(asyncio.Protocol):
         except Exception as exc:  # protobuf's DecodeError and friends
             self._reset(stream, GRPC_INTERNAL, f"cannot parse the request message: {exc}")
             return
+        if stream.observer is not None:
+            self._observe(stream, message)
+            return
         stream.inbox.put(message)
+        if not stream.started:
+            self._choose(stream, stream.method, message)
+
+    def _choose(self, stream: _Stream, method: Method, first: Any) -> None:
+        """The first message arrived: an observer takes the call, or the handler runs."""
+        assert method.observe is not None
+        stream.started = True
+        try:
+            observer = method.observe(first)
+        except Exception:
+            log.exception("gRPC observer hook failed")
+            self._finish(stream, GRPC_INTERNAL, "internal error")
+            return
+        if observer is None:
+            self._start(stream, method)
+            return
+        stream.observer = observer
+        stream.inbox = _Inbox()  # the observer takes the message instead
+        self._observe(stream, first)
+
+    def _observe(self, stream: _Stream, message: Any) -> None:
+        assert stream.observer is not None
+        try:
+            more = stream.observer.on_message(message)
+        except Exception:
+            log.exception("gRPC observer failed")
+            self._end_observer(stream)
+            self._finish(stream, GRPC_INTERNAL, "internal error")
+            return
+        if not more:
+            self._end_observer(stream)
+            self._finish(stream, GRPC_OK)
+
+    def _end_observer(self, stream: _Stream) -> None:
+        observer, stream.observer = stream.observer, None
+        if observer is not None:
+            try:
+                observer.on_end()
+            except Exception:
+                log.exception("gRPC observer failed at its end")
 
     def _remote_end(self, stream: _Stream) -> None:
         stream.remote_closed = True
         stream.inbox.close()
+        if stream.observer is not None:
+            self._end_observer(stream)
+            self._finish(stream, GRPC_OK)
+        elif not stream.started and stream.method is not None and not stream.local_closed:
+            self._start(stream, stream.method)  # no message at all: the handler sees none
         if stream.local_closed:
             self._forget(stream.id)
 
@@ -561,6 +637,7 @@ class _Connection(asyncio.Protocol):
     def _reset(self, stream: _Stream, status: int, message: str) -> None:
         """End a call whose input we refuse: the status, then no more input."""
         log.warning("gRPC stream %d refused: %s", stream.id, message)
+        self._end_observer(stream)
         if stream.task is not None:
             stream.task.cancel()
         if not stream.local_closed:
@@ -568,6 +645,7 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, status, message)
 
     def _cancel(self, stream: _Stream) -> None:
+        self._end_observer(stream)
         stream.inbox.close()
         if stream.task is not None and not stream.task.done():
             stream.task.cancel()

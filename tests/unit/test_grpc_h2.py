@@ -440,3 +440,108 @@ def _same_block_new_meaning(port: int) -> None:
     assert replies[1] == replies[3] == b"\x08\x01"  # HealthCheckResponse(SERVING)
     assert echoed(ep.ProcessingResponse.FromString(replies[5])) == b"echo"
     assert echoed(ep.ProcessingResponse.FromString(replies[7])) == b"echo"
+
+
+# --- observers: calls consumed synchronously, without a task ------------------------------
+
+
+class Recorder:
+    """An observer: records bodies, ends the call at b"done", fails at b"bug"."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def on_message(self, message: Any) -> bool:
+        body = bytes(message.request_body.body)
+        if body == b"bug":
+            raise RuntimeError("observer bug")
+        self.log.append(body.decode())
+        return body != b"done"
+
+    def on_end(self) -> None:
+        self.log.append("end")
+
+
+@pytest.fixture
+async def observed() -> AsyncIterator[tuple[int, list[str], Servicer]]:
+    log: list[str] = []
+    servicer = Servicer()
+
+    def observe(first: Any) -> Recorder | None:
+        return Recorder(log) if first.request_body.body.startswith(b"observe") else None
+
+    def handler(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        return servicer.Process(requests, None)
+
+    method = grpc_h2.Method(
+        ep.ProcessingRequest.FromString,
+        ep.ProcessingResponse.SerializeToString,
+        handler,
+        observe=observe,
+    )
+    server = grpc_h2.GrpcServer({PROCESS_PATH: method}, max_message_bytes=LIMIT)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield port, log, servicer
+    finally:
+        await server.stop(1)
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(300):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_an_observer_takes_the_whole_call_and_ends_it(observed: Any) -> None:
+    port, log, servicer = observed
+
+    async def more_after_done() -> AsyncIterator[Any]:
+        for body in (b"observe", b"a", b"b", b"done"):
+            yield body_request(body)
+        await asyncio.sleep(0.05)
+        yield body_request(b"ignored")
+
+    async with channel(port) as ch:
+        assert [r async for r in process(ch)(more_after_done())] == []
+    assert log == ["observe", "a", "b", "done", "end"]
+    assert servicer.seen == []  # the handler never ran
+
+
+async def test_an_observer_learns_when_the_peer_ends_or_cancels(observed: Any) -> None:
+    port, log, _ = observed
+    async with channel(port) as ch:
+        assert [r async for r in process(ch)(requests_of(b"observe", b"x"))] == []
+        assert log == ["observe", "x", "end"]
+        log.clear()
+
+        async def hang() -> AsyncIterator[Any]:
+            yield body_request(b"observe")
+            await asyncio.sleep(30)
+
+        call = process(ch)(hang())
+        reading = asyncio.ensure_future(call.read())
+        await _until(lambda: log)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await _until(lambda: "end" in log)
+    assert log == ["observe", "end"]
+
+
+async def test_a_failing_observer_is_an_internal_status_and_still_ends(observed: Any) -> None:
+    port, log, _ = observed
+    async with channel(port) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            _ = [r async for r in process(ch)(requests_of(b"observe", b"bug", b"z"))]
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+    assert log == ["observe", "end"]
+
+
+async def test_without_an_observer_the_handler_gets_every_message(observed: Any) -> None:
+    port, log, servicer = observed
+    async with channel(port) as ch:
+        replies = [echoed(r) async for r in process(ch)(requests_of(b"first", b"second"))]
+    assert replies == [b"first", b"second"]
+    assert servicer.seen == [5, 6] and log == []
