@@ -9,15 +9,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from aiohttp import web
 
-from extproc.config import Settings
+from extproc.config import Settings, split_host_port
+from extproc.grpc_service import start_h2_server
 from extproc.identity import IdentityResolver, load_hmac_key
 from extproc.metrics import Metrics
 from extproc.metrics_http import start_metrics_http
 from extproc.rewrite import Rewriter
-from extproc.server import drain, start_grpc_server
+from extproc.server import ExternalProcessor, drain, grpc_receive_limit, start_grpc_server
 from store import StoreRouter, open_router
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class ExtProcService:
     settings: Settings
     store: StoreRouter
     metrics: Metrics
-    server: grpc.aio.Server
+    server: Any  # grpc.aio.Server or extproc.grpc_h2.GrpcServer: both have stop(grace)
     health: Any
     port: int
     metrics_runner: web.AppRunner | None = None
@@ -77,7 +77,16 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
     metrics = Metrics()
     rewriter = Rewriter(settings, resolver, store, metrics)
     try:
-        server, port, health = await start_grpc_server(settings, rewriter, store, metrics)
+        if settings.grpc_server == "h2":
+            host, port = split_host_port(settings.grpc_listen, "grpc_listen")
+            server, port, health = await start_h2_server(
+                ExternalProcessor(rewriter, store, metrics, settings),
+                host,
+                port,
+                grpc_receive_limit(settings),
+            )
+        else:
+            server, port, health = await start_grpc_server(settings, rewriter, store, metrics)
     except BaseException:
         await store.close()
         raise
