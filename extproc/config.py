@@ -213,12 +213,13 @@ def split_list(value: Any, *, urls: bool = False) -> tuple[str, ...]:
     items = value if isinstance(value, list | tuple) else [value]
     out: list[str] = []
     for item in items:
-        parts = [p.strip() for p in str(item).split(",")]
-        for part in parts:
-            if urls and out and part and not _URL_START.match(part) and "://" in out[-1]:
-                out[-1] += "," + part  # another host of the previous URL
+        values: list[str] = []
+        for part in (p.strip() for p in str(item).split(",")):
+            if urls and values and part and not _URL_START.match(part):
+                values[-1] += "," + part  # another host of the previous URL
             elif part:
-                out.append(part)
+                values.append(part)
+        out.extend(values)
     return tuple(out)
 
 

@@ -524,6 +524,13 @@ def test_redis_urls_keep_the_host_lists_of_sentinel_and_cluster_urls() -> None:
     )
 
 
+def test_redis_urls_join_hosts_only_within_one_value() -> None:
+    """A host list continues the URL of its own value, never one from another flag or array
+    item (there it is an error, not a silent extra host)."""
+    assert "one host per redis:// URL" not in error_of(flags={"redis_urls": [TWO[0], "h:2"]})
+    assert error_of(flags={"redis_urls": [TWO[0], "h:2"]}).startswith("redis_urls: expected")
+
+
 def test_redis_url_and_redis_urls_are_exclusive(tmp_path: Path) -> None:
     msg = error_of(flags={"redis_url": TWO[0], "redis_urls": [TWO[1]]})
     assert msg.startswith("redis_urls") and "not both" in msg
