@@ -53,7 +53,9 @@ class PendingRegistry(Protocol):
         """The turn's reply has started (its capture saw response headers)."""
         ...
 
-    def given_up_count(self, session_key: str) -> int: ...
+    def given_up(self, session_key: str) -> list[str]:
+        """Turn ids of the session's markers no reader waits for any more."""
+        ...
 
     async def wait(self, session_key: str, timeout_s: float) -> bool:
         """Wait until every marker of the session registered before this call is resolved;
@@ -175,13 +177,13 @@ class LocalPendingRegistry:
         if entry is not None:
             entry.responding = True
 
-    def given_up_count(self, session_key: str) -> int:
+    def given_up(self, session_key: str) -> list[str]:
         """Markers of the session no reader waits for any more (see `_Entry.given_up`)."""
-        return sum(
-            1
-            for e in self._by_session.get(session_key, {}).values()
+        return [
+            turn_id
+            for turn_id, e in self._by_session.get(session_key, {}).items()
             if e.given_up and not e.responding
-        )
+        ]
 
     def __len__(self) -> int:
         self._expire()

@@ -242,6 +242,7 @@ class RedisBackend:
                 "EVICT",
                 "PUT_DOC",
                 "SNAPSHOT",
+                "PENDING_AND_VERSION",
             )
         }
         self._counts = dict.fromkeys(
@@ -483,6 +484,20 @@ class RedisBackend:
         now_ms = int(time.time() * 1000)
         count = await self._call("pending_count", lambda: self._client.zcount(key, now_ms, "+inf"))
         return int(count)
+
+    async def pending_and_version(
+        self, session_key: str, exclude: Sequence[str] = ()
+    ) -> tuple[int, int | None]:
+        """`pending_count` (not counting the markers in `exclude`) and `version`, read at one
+        instant in one round trip: a rewrite's checks before it reads history. A script, as
+        fast as the two commands pipelined by hand (measured), and atomic on a cluster too."""
+        keys = [self._pending_key(session_key), _Keys.of(self._prefix, session_key).meta]
+        args: list[int | str] = [int(time.time() * 1000), *exclude]
+        script = self._scripts["PENDING_AND_VERSION"]
+        count, version = await self._call(
+            "pending_and_version", lambda: script(keys=keys, args=args)
+        )
+        return int(count), int(version) if version else None
 
     # --- TurnBackend -----------------------------------------------------------------------
 

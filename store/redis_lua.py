@@ -250,3 +250,23 @@ end
 return {head[1], head[2] or '1', head[3] or '0', head[4] or '0',
         redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
 """
+
+# Pending-turn markers (read-your-writes across replicas) live beside a session's keys:
+#   <prefix>:{tag}:pending   sorted set: turn id, score = expiry in ms (client clock)
+# The scripts below are read-only and touch the session's slot only.
+
+# KEYS[1] pending, KEYS[2] meta; ARGV[1] now in ms, ARGV[2..] turn ids not to count (markers
+# the caller no longer waits for). -> {unexpired markers not excluded, version or ''}: the
+# two checks of a rewrite's read, in one round trip and at one instant (a marker removed
+# before this ran was removed after its turn was written, so the version includes that turn).
+PENDING_AND_VERSION = """
+local now = tonumber(ARGV[1])
+local count = redis.call('ZCOUNT', KEYS[1], now, '+inf')
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) >= now then
+    count = count - 1
+  end
+end
+return {count, redis.call('HGET', KEYS[2], 'ver') or ''}
+"""

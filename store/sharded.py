@@ -96,6 +96,10 @@ class WarmBackend(Protocol):
 
     async def pending_count(self, session_key: str) -> int: ...
 
+    async def pending_and_version(
+        self, session_key: str, exclude: Sequence[str] = ()
+    ) -> tuple[int, int | None]: ...
+
     async def append(self, session_key: str, turn: Turn) -> bool: ...
 
     async def load(self, session_key: str) -> list[Turn]: ...
@@ -309,6 +313,11 @@ class ShardedRedis:
 
     async def pending_count(self, session_key: str) -> int:
         return await self.shard_for(session_key).pending_count(session_key)
+
+    async def pending_and_version(
+        self, session_key: str, exclude: Sequence[str] = ()
+    ) -> tuple[int, int | None]:
+        return await self.shard_for(session_key).pending_and_version(session_key, exclude)
 
     async def append(self, session_key: str, turn: Turn) -> bool:
         return await self.shard_for(session_key).append(session_key, turn)

@@ -430,6 +430,27 @@ async def test_fill_of_an_empty_cold_session_caches_the_emptiness(backend: Redis
     assert await backend.append_next(SESSION, make_turn("t1", 0)) == Stored(1, snapshot.version + 1)
 
 
+# --- pending-turn markers --------------------------------------------------
+
+
+async def test_pending_and_version_come_back_in_one_call(backend: RedisBackend) -> None:
+    assert await backend.pending_and_version(SESSION) == (0, None)
+    stored = await append_with_floor(backend, SESSION, make_turn("t1", 0))
+    await backend.add_pending(SESSION, "p1", 60)
+    await backend.add_pending(SESSION, "p2", 60)
+    await backend.add_pending(SESSION, "gone", 0.001)  # expires at once
+    await asyncio.sleep(0.01)
+    calls = backend.stats["calls"]
+    assert await backend.pending_and_version(SESSION) == (2, stored.version)
+    assert backend.stats["calls"] == calls + 1  # one round trip
+    # Markers the caller stopped waiting for are not counted (nor unknown or expired ones).
+    assert await backend.pending_and_version(SESSION, ["p1", "gone", "never"]) == (
+        1,
+        stored.version,
+    )
+    assert await backend.pending_count(SESSION) == 2
+
+
 async def test_snapshot_counts_hits_and_misses(backend: RedisBackend) -> None:
     assert await backend.snapshot(SESSION) is None
     await append_with_floor(backend, SESSION, make_turn("t1", 0))

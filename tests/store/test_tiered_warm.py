@@ -235,3 +235,65 @@ async def test_a_marker_waited_out_once_does_not_slow_later_reads_with_redis(
     started = loop.time()
     assert await a.wait_for_pending("s", 0.2) is True  # ...then not again
     assert loop.time() - started < 0.15
+
+
+# --- the rewrite's read: pending markers and history in one round trip ------------------
+
+
+async def test_history_after_pending_is_one_round_trip_on_a_hot_hit(
+    replicas: OpenReplica,
+) -> None:
+    a = await replicas()
+    await turn(a, "s", "one")
+    await a.history("s")  # now hot
+    assert a.warm is not None
+    calls = a.warm.stats["calls"]
+    waited, history = await a.history_after_pending("s", 5)
+    assert waited and [t.request_messages[0]["content"] for t in history] == ["one"]
+    assert a.warm.stats["calls"] - calls == 1
+    hot_hits = a.stats["hot_hits"]
+    calls = a.warm.stats["calls"]
+    assert await a.wait_for_pending("s", 5)  # the two calls rewrite makes today: two trips
+    await a.history("s")
+    assert a.warm.stats["calls"] - calls == 2
+    assert a.stats["hot_hits"] == hot_hits + 1
+
+
+async def test_history_after_pending_waits_for_another_replicas_turn_and_sees_it(
+    replicas: OpenReplica,
+) -> None:
+    a, b = await replicas(), await replicas()
+    await turn(a, "s", "one")
+    assert await texts(b, "s") == ["one"]  # b holds a hot copy
+    a.begin_turn(make_pending("t2", "s", content="two"))
+    await asyncio.sleep(0.05)
+    reader = asyncio.create_task(b.history_after_pending("s", 5))
+    await asyncio.sleep(0.1)
+    assert not reader.done()
+    assert a.complete_turn("t2", assistant("re: two"), "stop", Usage(3, 1))
+    waited, history = await reader
+    # The version read with the last poll is newer than b's hot copy: b re-reads.
+    assert waited and [t.request_messages[0]["content"] for t in history] == ["one", "two"]
+
+
+async def test_history_after_pending_times_out_like_wait_for_pending(
+    replicas: OpenReplica,
+) -> None:
+    a, b = await replicas(), await replicas()
+    await turn(a, "s", "one")
+    a.begin_turn(make_pending("stuck", "s"))
+    await asyncio.sleep(0.05)
+    waited, history = await b.history_after_pending("s", 0.1)
+    assert not waited and len(history) == 1
+    assert b.stats["shared_wait_timeouts"] == 1
+
+
+async def test_history_after_pending_with_redis_down_serves_hot_and_cold(
+    replicas: OpenReplica, redis_server: RedisServer
+) -> None:
+    a = await replicas()
+    await turn(a, "s", "one")
+    redis_server.kill()
+    waited, history = await a.history_after_pending("s", 1)
+    assert waited and len(history) == 1
+    assert a.stats["warm_degraded_reads"] >= 1
