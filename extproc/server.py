@@ -17,6 +17,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc import mutations
 from extproc.capture import CaptureStream
 from extproc.config import Settings
 from extproc.metrics import Metrics
@@ -72,6 +73,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             delay_s=self.settings.debug_capture_delay_ms / 1000,
         )
         try:
+            turn_id = mutations.turn_id_of(first)
+            if turn_id is not None:
+                # A turn another replica rewrote (Envoy sent its capture here) is fetched from
+                # Redis now, so that the stream's decoding below stays synchronous.
+                await self.store.find_pending(turn_id)
             if not stream.on_response_headers(first):
                 return
             async for request in requests:

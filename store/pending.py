@@ -5,8 +5,12 @@ completed turn is in the hot tier and queued for the cold one; capture errors ab
 next rewrite of the session waits (bounded) for the markers registered before it, which is
 what makes history read-your-writes.
 
-This module holds the in-process registry. The Redis-backed one (next issue) implements the
-same `PendingRegistry` protocol so markers hold across processes and replicas.
+This module holds the in-process registry; `SessionStore` mirrors its markers in Redis (when
+configured) so they hold across replicas. It also holds the payload format of a pending turn
+handed to another replica: with Redis, the rewriting replica stores the `PendingTurn` next to
+its shared marker, and a replica that receives the reply's capture without having rewritten
+the request (no ext_proc affinity, or the rewriting replica left the load balancer) fetches
+it from there and completes the turn.
 """
 
 from __future__ import annotations
@@ -17,9 +21,18 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+import orjson
+
+from store.base import StoreError
 from store.model import PendingTurn
+
+# The pending-turn payload's format version, bumped under the same rule as turn records (see
+# store.codec): a field added with a default does not bump it, a change an older reader would
+# misread does, and is refused by readers that do not know it.
+PENDING_VERSION = 1
+SUPPORTED_PENDING_VERSIONS = frozenset({PENDING_VERSION})
 
 
 class Claim(enum.Enum):
@@ -53,6 +66,20 @@ class PendingRegistry(Protocol):
         """The turn's reply has started (its capture saw response headers)."""
         ...
 
+    def awaited(self, session_key: str) -> bool:
+        """Whether `wait` would wait for some marker of the session (none: it returns at once)."""
+        ...
+
+    def mark_shared(self, turn_id: str) -> None:
+        """The turn's marker (and payload) is in Redis: another replica may settle it."""
+        ...
+
+    def unobserved(self, session_key: str) -> list[str]:
+        """The session's shared markers that a reader would wait for and whose reply this
+        process has not seen (no response headers, no completion): their capture may have
+        gone to another replica, which then settles them in Redis, not here."""
+        ...
+
     def given_up(self, session_key: str) -> list[str]:
         """Turn ids of the session's markers no reader waits for any more."""
         ...
@@ -84,6 +111,8 @@ class _Entry:
     given_up: bool = False
     # ...unless its reply has started (capture saw the response headers): then it is waited for.
     responding: bool = False
+    # Its marker and payload are in Redis (see `PendingRegistry.mark_shared`).
+    shared: bool = False
     waiters: list[_Waiter] = field(default_factory=list)
 
 
@@ -145,13 +174,20 @@ class LocalPendingRegistry:
             return False
         return self._remove(turn_id)
 
-    async def wait(self, session_key: str, timeout_s: float) -> bool:
-        self._expire()
-        entries = [
+    def _awaited_entries(self, session_key: str) -> list[_Entry]:
+        return [
             e
             for e in self._by_session.get(session_key, {}).values()
             if e.responding or not e.given_up
         ]
+
+    def awaited(self, session_key: str) -> bool:
+        self._expire()
+        return bool(self._awaited_entries(session_key))
+
+    async def wait(self, session_key: str, timeout_s: float) -> bool:
+        self._expire()
+        entries = self._awaited_entries(session_key)
         if not entries:
             return True
         self._waits += 1
@@ -176,6 +212,18 @@ class LocalPendingRegistry:
         entry = self._entries.get(turn_id)
         if entry is not None:
             entry.responding = True
+
+    def mark_shared(self, turn_id: str) -> None:
+        entry = self._entries.get(turn_id)
+        if entry is not None:
+            entry.shared = True
+
+    def unobserved(self, session_key: str) -> list[str]:
+        return [
+            turn_id
+            for turn_id, e in self._by_session.get(session_key, {}).items()
+            if e.shared and not (e.claimed or e.responding or e.given_up)
+        ]
 
     def given_up(self, session_key: str) -> list[str]:
         """Markers of the session no reader waits for any more (see `_Entry.given_up`)."""
@@ -224,3 +272,88 @@ class LocalPendingRegistry:
                 break
             self._remove(turn_id)
             self._expired += 1
+
+
+# --- the payload a replica hands to another ---------------------------------------------
+
+
+def encode_pending(pending: PendingTurn) -> bytes:
+    """The pending turn as a versioned orjson record. It holds what rewrite recorded: the new
+    messages, the HMAC'd principal and its scopes, never a credential. `StoreError` when it
+    cannot be encoded (the marker is then shared without it)."""
+    record = {
+        "v": PENDING_VERSION,
+        "turn_id": pending.turn_id,
+        "session_key": pending.session_key,
+        "request_messages": pending.request_messages,
+        "system_messages": pending.system_messages,
+        "model": pending.model,
+        "prompt_tokens_estimate": pending.prompt_tokens_estimate,
+        "tenant": pending.tenant,
+        "principal": pending.principal,
+        "scopes": pending.scopes,
+        "user_agent": pending.user_agent,
+        "created_at": pending.created_at,
+    }
+    try:
+        return orjson.dumps(record)
+    except TypeError as exc:  # orjson names the kind of problem, never the content
+        raise StoreError(f"pending turn {pending.turn_id!r} cannot be encoded: {exc}") from None
+
+
+def decode_pending(data: bytes) -> PendingTurn:
+    """The record `encode_pending` wrote (or a neighbouring release's: unknown fields are
+    ignored, absent optional ones take their defaults). `StoreError` when it is unreadable."""
+    try:
+        record = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise StoreError("corrupt pending turn: not valid JSON") from None
+    if type(record) is not dict:
+        raise StoreError("corrupt pending turn: not a JSON object")
+    version = record.get("v")
+    if type(version) is not int or version not in SUPPORTED_PENDING_VERSIONS:
+        raise StoreError(
+            f"unsupported pending turn version {version!r} "
+            f"(this release reads {sorted(SUPPORTED_PENDING_VERSIONS)})"
+        )
+    try:
+        return _pending_from_record(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"corrupt pending turn: {type(exc).__name__} {exc}") from None
+
+
+def _typed(record: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = record.get(name, default)
+    # type() not isinstance(): a bool is not a token count.
+    if type(value) is not kind:
+        raise TypeError(f"{name} must be {kind.__name__}")
+    return value
+
+
+def _messages(record: dict[str, Any], name: str) -> tuple[dict[str, Any], ...]:
+    messages = _typed(record, name, list, [])
+    if any(type(message) is not dict for message in messages):
+        raise TypeError(f"{name} must hold objects")
+    return tuple(messages)
+
+
+def _pending_from_record(record: dict[str, Any]) -> PendingTurn:
+    scopes = _typed(record, "scopes", list, [])
+    if any(type(scope) is not str for scope in scopes):
+        raise TypeError("scopes must hold strings")
+    created_at = record.get("created_at", 0.0)
+    if type(created_at) not in (int, float):
+        raise TypeError("created_at must be a number")
+    return PendingTurn(
+        turn_id=_typed(record, "turn_id", str, None),
+        session_key=_typed(record, "session_key", str, None),
+        request_messages=_messages(record, "request_messages"),
+        system_messages=_messages(record, "system_messages"),
+        model=_typed(record, "model", str, ""),
+        prompt_tokens_estimate=_typed(record, "prompt_tokens_estimate", int, 0),
+        tenant=_typed(record, "tenant", str, ""),
+        principal=_typed(record, "principal", str, ""),
+        scopes=tuple(scopes),
+        user_agent=_typed(record, "user_agent", str, ""),
+        created_at=float(created_at),
+    )

@@ -46,6 +46,17 @@ Deletion leaves a tombstone (meta with `deleted`, a newer `ver`, one TTL long), 
 reader's late `fill` cannot resurrect the session. After a delete the session starts again
 at seq 1, as the cold tiers do after theirs (no floor is needed: the tombstone says "empty").
 
+Pending turns: `<prefix>:{tag}:pending` (a sorted set of turn ids scored by expiry) holds the
+session's turns awaiting their reply, from every replica; readers wait for it to empty. The
+PendingTurn itself (a versioned orjson record, see `store.pending.encode_pending`) is stored
+at `<prefix>:{<hash_tag(turn id)>}:pturn`, so that a replica that receives a reply's capture
+knowing only the turn id can find it; it lives in the turn id's slot, not the session's (on a
+single server both are written in one MULTI; on a cluster the two may sit on two nodes and are
+written by one pipeline, not atomically: a marker without its payload drops the turn, counted,
+as a capture of an unknown turn always did; a payload without its marker is only memory until
+its TTL). A replica completing a turn it did not begin claims it by deleting the payload
+(`claim_pending_payload`: exactly one claimer gets True).
+
 Retries are safe because every write is idempotent: a command that timed out may still have
 run, and its retry then finds the turn id (`Duplicate(seq)`: the turn is stored). Needs
 Redis >= 7.0 (sharded pub/sub).
@@ -243,6 +254,7 @@ class RedisBackend:
                 "PUT_DOC",
                 "SNAPSHOT",
                 "PENDING_AND_VERSION",
+                "PENDING_SETTLED",
             )
         }
         self._counts = dict.fromkeys(
@@ -460,23 +472,59 @@ class RedisBackend:
     def _pending_key(self, session_key: str) -> str:
         return f"{self._prefix}:{{{hash_tag(session_key)}}}:pending"
 
-    async def add_pending(self, session_key: str, turn_id: str, ttl_s: float) -> None:
+    def _payload_key(self, turn_id: str) -> str:
+        return f"{self._prefix}:{{{hash_tag(turn_id)}}}:pturn"
+
+    async def add_pending(
+        self, session_key: str, turn_id: str, ttl_s: float, payload: bytes | None = None
+    ) -> None:
         """Mark a turn of the session as awaiting its reply (a sorted set scored by expiry,
-        so a marker whose capture never comes stops counting by itself)."""
+        so a marker whose capture never comes stops counting by itself), and store its
+        `payload` (the encoded PendingTurn, for a replica that gets the capture) for as long:
+        one round trip, one MULTI on a single server."""
         key = self._pending_key(session_key)
-        expires_ms = int((time.time() + ttl_s) * 1000)
+        ttl_ms = int(ttl_s * 1000)
+        expires_ms = int(time.time() * 1000) + ttl_ms
 
         async def call() -> None:
             async with self._client.pipeline(transaction=not self._cluster) as pipe:
                 pipe.zadd(key, {turn_id: expires_ms})
-                pipe.pexpire(key, int(ttl_s * 1000) + 1000)
+                pipe.pexpire(key, ttl_ms + 1000)
+                if payload is not None:
+                    pipe.set(self._payload_key(turn_id), payload, px=max(1, ttl_ms))
                 await pipe.execute()
 
         await self._call("add_pending", call)
 
+    async def put_pending_payload(self, turn_id: str, payload: bytes, ttl_s: float) -> None:
+        """The payload alone (`ShardedRedis`: the turn's shard is not the session's)."""
+        key = self._payload_key(turn_id)
+        px = max(1, int(ttl_s * 1000))
+        await self._call("put_pending_payload", lambda: self._client.set(key, payload, px=px))
+
     async def remove_pending(self, session_key: str, turn_id: str) -> None:
-        key = self._pending_key(session_key)
-        await self._call("remove_pending", lambda: self._client.zrem(key, turn_id))
+        """The turn is settled: drop its marker and its payload (one round trip)."""
+        marker, payload = self._pending_key(session_key), self._payload_key(turn_id)
+
+        async def call() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.zrem(marker, turn_id)
+                pipe.delete(payload)
+                await pipe.execute()
+
+        await self._call("remove_pending", call)
+
+    async def get_pending_payload(self, turn_id: str) -> bytes | None:
+        """The payload `add_pending` stored; None when absent (expired, claimed, settled)."""
+        key = self._payload_key(turn_id)
+        value = await self._call("get_pending_payload", lambda: self._client.get(key))
+        return value if value is None or isinstance(value, bytes) else value.encode()
+
+    async def claim_pending_payload(self, turn_id: str) -> bool:
+        """Take the turn: delete its payload. True for exactly one caller (a DEL that
+        removed it); False when another replica claimed it or it expired or was settled."""
+        key = self._payload_key(turn_id)
+        return int(await self._call("claim_pending", lambda: self._client.delete(key))) == 1
 
     async def pending_count(self, session_key: str) -> int:
         """How many unexpired markers the session has, from every replica."""
@@ -498,6 +546,16 @@ class RedisBackend:
             "pending_and_version", lambda: script(keys=keys, args=args)
         )
         return int(count), int(version) if version else None
+
+    async def pending_settled(self, session_key: str, turn_ids: Sequence[str]) -> list[bool]:
+        """Per turn id: settled (stored in the session, or its marker gone or expired)."""
+        if not turn_ids:
+            return []
+        keys = [self._pending_key(session_key), _Keys.of(self._prefix, session_key).ids]
+        args: list[int | str] = [int(time.time() * 1000), *turn_ids]
+        script = self._scripts["PENDING_SETTLED"]
+        reply = await self._call("pending_settled", lambda: script(keys=keys, args=args))
+        return [bool(int(flag)) for flag in reply]
 
     # --- TurnBackend -----------------------------------------------------------------------
 

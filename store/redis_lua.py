@@ -270,3 +270,20 @@ for i = 2, #ARGV do
 end
 return {count, redis.call('HGET', KEYS[2], 'ver') or ''}
 """
+
+# KEYS[1] pending, KEYS[2] ids; ARGV[1] now in ms, ARGV[2..] turn ids. -> 1 or 0 per turn id:
+# 1 when the turn is settled (stored in the session, or its marker gone or expired), which
+# tells the replica that began it that another replica captured its reply.
+PENDING_SETTLED = """
+local now = tonumber(ARGV[1])
+local settled = {}
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 or not score or tonumber(score) < now then
+    settled[#settled + 1] = 1
+  else
+    settled[#settled + 1] = 0
+  end
+end
+return settled
+"""

@@ -61,6 +61,10 @@ class TurnSink(Protocol):
 
     def pending(self, turn_id: str) -> PendingTurn | None: ...
 
+    async def find_pending(self, turn_id: str) -> PendingTurn | None:
+        """`pending`, or a turn another replica began, adopted from Redis (see SessionStore)."""
+        ...
+
     def mark_responding(self, turn_id: str) -> None: ...
 
     def complete_turn(
@@ -146,6 +150,9 @@ class StoreRouter:
 
     def pending(self, turn_id: str) -> PendingTurn | None:
         return self.store_for_turn(turn_id).pending(turn_id)
+
+    async def find_pending(self, turn_id: str) -> PendingTurn | None:
+        return await self.store_for_turn(turn_id).find_pending(turn_id)
 
     def mark_responding(self, turn_id: str) -> None:
         self.store_for_turn(turn_id).mark_responding(turn_id)

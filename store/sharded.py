@@ -90,15 +90,23 @@ class WarmBackend(Protocol):
 
     async def evict(self, session_key: str) -> None: ...
 
-    async def add_pending(self, session_key: str, turn_id: str, ttl_s: float) -> None: ...
+    async def add_pending(
+        self, session_key: str, turn_id: str, ttl_s: float, payload: bytes | None = None
+    ) -> None: ...
 
     async def remove_pending(self, session_key: str, turn_id: str) -> None: ...
+
+    async def get_pending_payload(self, turn_id: str) -> bytes | None: ...
+
+    async def claim_pending_payload(self, turn_id: str) -> bool: ...
 
     async def pending_count(self, session_key: str) -> int: ...
 
     async def pending_and_version(
         self, session_key: str, exclude: Sequence[str] = ()
     ) -> tuple[int, int | None]: ...
+
+    async def pending_settled(self, session_key: str, turn_ids: Sequence[str]) -> list[bool]: ...
 
     async def append(self, session_key: str, turn: Turn) -> bool: ...
 
@@ -305,11 +313,39 @@ class ShardedRedis:
     async def evict(self, session_key: str) -> None:
         await self.shard_for(session_key).evict(session_key)
 
-    async def add_pending(self, session_key: str, turn_id: str, ttl_s: float) -> None:
-        await self.shard_for(session_key).add_pending(session_key, turn_id, ttl_s)
+    # A pending turn's marker lives on its session's shard; its payload on its turn id's shard
+    # (a capture knows only the turn id). When they differ, both are written concurrently.
+
+    def shard_for_turn(self, turn_id: str) -> RedisBackend:
+        # Uncached: turn ids are single-use and would only push sessions out of the cache.
+        return self._backends[self._ring.index_of_tag(hash_tag(turn_id))]
+
+    async def add_pending(
+        self, session_key: str, turn_id: str, ttl_s: float, payload: bytes | None = None
+    ) -> None:
+        marker, holder = self.shard_for(session_key), self.shard_for_turn(turn_id)
+        if payload is None or holder is marker:
+            await marker.add_pending(session_key, turn_id, ttl_s, payload)
+            return
+        await _all(
+            marker.add_pending(session_key, turn_id, ttl_s),
+            holder.put_pending_payload(turn_id, payload, ttl_s),
+        )
 
     async def remove_pending(self, session_key: str, turn_id: str) -> None:
-        await self.shard_for(session_key).remove_pending(session_key, turn_id)
+        marker, holder = self.shard_for(session_key), self.shard_for_turn(turn_id)
+        if holder is marker:
+            await marker.remove_pending(session_key, turn_id)
+            return
+        await _all(
+            marker.remove_pending(session_key, turn_id), holder.claim_pending_payload(turn_id)
+        )
+
+    async def get_pending_payload(self, turn_id: str) -> bytes | None:
+        return await self.shard_for_turn(turn_id).get_pending_payload(turn_id)
+
+    async def claim_pending_payload(self, turn_id: str) -> bool:
+        return await self.shard_for_turn(turn_id).claim_pending_payload(turn_id)
 
     async def pending_count(self, session_key: str) -> int:
         return await self.shard_for(session_key).pending_count(session_key)
@@ -318,6 +354,9 @@ class ShardedRedis:
         self, session_key: str, exclude: Sequence[str] = ()
     ) -> tuple[int, int | None]:
         return await self.shard_for(session_key).pending_and_version(session_key, exclude)
+
+    async def pending_settled(self, session_key: str, turn_ids: Sequence[str]) -> list[bool]:
+        return await self.shard_for(session_key).pending_settled(session_key, turn_ids)
 
     async def append(self, session_key: str, turn: Turn) -> bool:
         return await self.shard_for(session_key).append(session_key, turn)
@@ -425,6 +464,15 @@ class ShardedRedis:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
+
+async def _all(*calls: Awaitable[object]) -> None:
+    """Run the calls concurrently; every one finishes before the first failure is raised
+    (gather would return at the first error and leave the others running unobserved)."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def _close_all(closers: Iterable[Callable[[], Awaitable[None]]]) -> None:

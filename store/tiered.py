@@ -2,15 +2,25 @@
 PostgreSQL later), pending-turn markers, and one writer task.
 
 Flow of a turn: rewrite calls `wait_for_pending` + `history` (or `history_after_pending`, both
-in one), then `begin_turn`; capture calls `complete_turn` (sync, never blocks: it only queues)
-or `abandon_turn`. The writer task, which is its own task and so never cancelled with a client
-stream, assigns `seq` under a per-session lock, appends to hot then to cold (queued group
-commit), and only then resolves the marker: a reader woken by `wait_for_pending` finds the turn
-in `history`.
+in one), then `begin_turn`; capture calls `find_pending`, then `complete_turn` (sync, never
+blocks: it only queues) or `abandon_turn`. The writer task, which is its own task and so never
+cancelled with a client stream, assigns `seq` under a per-session lock, appends to hot then to
+cold (queued group commit), and only then resolves the marker: a reader woken by
+`wait_for_pending` finds the turn in `history`.
 
 The writer is the only place that assigns seq, so seq is gap-free and unique per session within
 one process. Memory-only mode (`cold=None`) is for tests and development: an evicted session
 is gone.
+
+Replicas (Redis configured). A turn's capture may reach another replica than its rewrite (no
+ext_proc affinity, or the rewriting replica left the load balancer in between). `begin_turn`
+therefore stores the PendingTurn in Redis beside its shared marker; the capturing replica's
+`find_pending` fetches it and adopts the turn, and its writer claims it in Redis before
+writing (`claim_pending_payload`: one claimer wins, so two adopters never both write; against
+the rewriting replica's own completion, Redis's append is idempotent by turn id). The
+rewriting replica still holds the turn in its registry, where nothing will resolve it: it
+settles it once Redis shows it stored or its marker gone, checked on the session's
+invalidation and, while a reader waits for it, every poll.
 """
 
 from __future__ import annotations
@@ -21,14 +31,20 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Literal
 
-from store.base import StoreUnavailable, TurnBackend
+from store.base import StoreError, StoreUnavailable, TurnBackend
 from store.memory import MemoryBackend
 from store.model import Message, PendingTurn, Turn, Usage
-from store.pending import Claim, LocalPendingRegistry, PendingRegistry
+from store.pending import (
+    Claim,
+    LocalPendingRegistry,
+    PendingRegistry,
+    decode_pending,
+    encode_pending,
+)
 from store.redis import Duplicate, NeedsFloor, Stored
 from store.session import (
     DERIVED,
@@ -59,6 +75,10 @@ _COLD_RETRY_MAX_S = 2.0
 _MAX_STALE_TRACKED = 100_000
 # How often a rewrite re-checks other replicas' pending markers while it waits.
 _SHARED_MARKER_POLL_S = 0.005
+# A capture may reach another replica before the rewriting replica's background write of the
+# pending turn has landed in Redis (its event loop was busy): look again after these pauses
+# before counting the turn unknown. Capture is off the request path; this delays nothing.
+_ADOPT_RETRY_S = (0.005, 0.02, 0.05)
 
 
 class _Unread(enum.Enum):
@@ -97,6 +117,10 @@ class SessionStore:
         self._subscription: InvalidationSubscription | None = None
         self._pending_ttl_s = pending_ttl_s
         self._markers: dict[str, asyncio.Task[None]] = {}
+        # Turns begun on another replica whose capture came here (see `find_pending`).
+        self._adopted: set[str] = set()
+        # Sessions whose settled-elsewhere check runs now (see `_invalidated`).
+        self._settling: dict[str, asyncio.Task[None]] = {}
         self._max_markers = max_pending
         self._background: set[asyncio.Task[None]] = set()
         self._registry: PendingRegistry = registry or LocalPendingRegistry(
@@ -133,6 +157,14 @@ class SessionStore:
                 "warm_stale_evicted",
                 "shared_marker_errors",
                 "shared_wait_timeouts",
+                # Turns whose capture and rewrite ran on different replicas: adopted here,
+                # completed here, lost to another claimer, unknown in Redis too (dropped),
+                # and our own resolved because another replica settled them.
+                "remote_adopted",
+                "remote_completed",
+                "remote_claim_lost",
+                "remote_unknown",
+                "remote_settled",
             ),
             0,
         )
@@ -150,7 +182,9 @@ class SessionStore:
 
     def _invalidated(self, session_key: str) -> None:
         """Another replica changed the session: stop trusting our hot copy (pub/sub can lose
-        messages, so `history` checks the version as well)."""
+        messages, so `history` checks the version as well), and see whether it settled a turn
+        we began (its capture went there)."""
+        self._check_settled_soon(session_key)
         if time.monotonic() - self._own_writes.get(session_key, -1e9) < 1.0:
             return
         self._hot_versions.pop(session_key, None)
@@ -275,19 +309,31 @@ class SessionStore:
     def begin_turn(self, pending: PendingTurn) -> None:
         self._registry.add(pending)
         self._counts["begun"] += 1
-        if self.warm is not None:  # the shared marker, for the other replicas
+        if self.warm is not None:  # the shared marker and payload, for the other replicas
             self._markers[pending.turn_id] = asyncio.get_running_loop().create_task(
-                self._add_shared_marker(pending.session_key, pending.turn_id)
+                self._add_shared_marker(pending)
             )
             if len(self._markers) > self._max_markers:
                 self._markers = {t: m for t, m in self._markers.items() if not m.done()}
 
-    async def _add_shared_marker(self, session_key: str, turn_id: str) -> None:
+    async def _add_shared_marker(self, pending: PendingTurn) -> None:
+        """Off the request path (a task): the marker, and the PendingTurn for a replica that
+        gets the capture, in one round trip."""
         assert self.warm is not None
+        payload: bytes | None
         try:
-            await self.warm.add_pending(session_key, turn_id, self._pending_ttl_s)
+            payload = encode_pending(pending)
+        except StoreError as exc:  # only this replica can complete it; readers still wait
+            payload = None
+            log.warning("pending turn not shared: %s", exc)
+        try:
+            await self.warm.add_pending(
+                pending.session_key, pending.turn_id, self._pending_ttl_s, payload
+            )
         except StoreUnavailable:
             self._counts["shared_marker_errors"] += 1
+            return
+        self._registry.mark_shared(pending.turn_id)
 
     def _resolve(self, session_key: str, turn_id: str) -> None:
         """The turn is settled here: wake local waiters, then drop the shared marker (after
@@ -297,6 +343,7 @@ class SessionStore:
 
     def _drop_shared_marker(self, session_key: str, turn_id: str) -> None:
         added = self._markers.pop(turn_id, None)
+        self._adopted.discard(turn_id)
         if self.warm is None:
             return
 
@@ -315,6 +362,50 @@ class SessionStore:
     def pending(self, turn_id: str) -> PendingTurn | None:
         return self._registry.get(turn_id)
 
+    async def find_pending(self, turn_id: str) -> PendingTurn | None:
+        """The pending turn a capture is about: this process's, or, with Redis, one another
+        replica began (Envoy sent the reply's capture here), fetched from Redis and adopted
+        so that `complete_turn` and `abandon_turn` work as for our own. None (counted in
+        stats["remote_unknown"] when Redis was asked) when no replica has it any more."""
+        pending = self._registry.get(turn_id)
+        if pending is not None or self.warm is None:
+            return pending
+        data = await self._fetch_payload(turn_id)
+        pending = self._registry.get(turn_id)  # adopted by a concurrent call meanwhile?
+        if pending is not None:
+            return pending
+        if data is None:
+            self._counts["remote_unknown"] += 1
+            return None
+        try:
+            pending = decode_pending(data)
+            if pending.turn_id != turn_id:
+                raise StoreError("pending turn stored under another turn id")
+        except StoreError as exc:
+            self._counts["remote_unknown"] += 1
+            log.warning("pending turn from redis unreadable: %s", exc)
+            return None
+        self._registry.add(pending)
+        self._registry.mark_shared(turn_id)  # the beginning replica's marker is in Redis
+        self._adopted.add(turn_id)
+        if len(self._adopted) > self._max_markers:  # adopted turns the registry expired
+            self._adopted = {t for t in self._adopted if self._registry.get(t) is not None}
+        self._counts["remote_adopted"] += 1
+        return pending
+
+    async def _fetch_payload(self, turn_id: str) -> bytes | None:
+        assert self.warm is not None
+        for pause in (*_ADOPT_RETRY_S, None):
+            try:
+                data = await self.warm.get_pending_payload(turn_id)
+            except StoreUnavailable:
+                self._counts["shared_marker_errors"] += 1
+                return None
+            if data is not None or pause is None:
+                return data
+            await asyncio.sleep(pause)
+        return None
+
     async def wait_for_pending(self, session_key: str, timeout_s: float) -> bool:
         """Wait until the session's turns pending before this call are committed or abandoned.
         False on timeout (counted in stats["wait_timeouts"]), True at once when none.
@@ -332,7 +423,7 @@ class SessionStore:
     ) -> tuple[bool, _Version]:
         """`wait_for_pending`, and the session's version when the last poll read it."""
         deadline = time.monotonic() + timeout_s
-        if not await self._registry.wait(session_key, timeout_s):
+        if not await self._wait_local(session_key, timeout_s):
             return False, _UNREAD
         if self.warm is None:
             return True, _UNREAD
@@ -353,6 +444,50 @@ class SessionStore:
                 self._counts["shared_wait_timeouts"] += 1
                 return False, version
             await asyncio.sleep(_SHARED_MARKER_POLL_S)
+
+    async def _wait_local(self, session_key: str, timeout_s: float) -> bool:
+        """Wait for this process's markers of the session. With Redis, a turn we began may
+        have had its reply captured (and settled) by another replica, which resolves nothing
+        here: while waiting, poll Redis for those and resolve them (see `_settle_remote`)."""
+        if self.warm is None or not self._registry.awaited(session_key):
+            return await self._registry.wait(session_key, timeout_s)
+        waiting = asyncio.ensure_future(self._registry.wait(session_key, timeout_s))
+        try:
+            while True:
+                unobserved = self._registry.unobserved(session_key)
+                if unobserved:
+                    await self._settle_remote(session_key, unobserved)  # wakes `waiting`
+                done, _ = await asyncio.wait({waiting}, timeout=_SHARED_MARKER_POLL_S)
+                if done:
+                    return waiting.result()
+        finally:
+            waiting.cancel()  # a no-op once done; else our caller was cancelled
+
+    async def _settle_remote(self, session_key: str, turn_ids: Sequence[str]) -> None:
+        """Resolve our markers among `turn_ids` that Redis shows settled by another replica
+        (stored, or marker removed): their waiters go on at once, not at the timeout."""
+        assert self.warm is not None
+        try:
+            settled = await self.warm.pending_settled(session_key, turn_ids)
+        except StoreUnavailable:
+            self._counts["shared_marker_errors"] += 1
+            return
+        still_unobserved = set(self._registry.unobserved(session_key))
+        for turn_id, done in zip(turn_ids, settled, strict=True):
+            # Not one whose capture reached us meanwhile: that completion is ours to settle.
+            if done and turn_id in still_unobserved and self._registry.resolve(turn_id):
+                self._markers.pop(turn_id, None)
+                self._counts["remote_settled"] += 1
+
+    def _check_settled_soon(self, session_key: str) -> None:
+        """After another replica wrote the session: settle our turns it may have completed
+        (one check per session at a time), so they do not sit in the registry until expiry."""
+        unobserved = self._registry.unobserved(session_key)
+        if not unobserved or session_key in self._settling:
+            return
+        task = asyncio.get_running_loop().create_task(self._settle_remote(session_key, unobserved))
+        self._settling[session_key] = task
+        task.add_done_callback(lambda _: self._settling.pop(session_key, None))
 
     def mark_responding(self, turn_id: str) -> None:
         """Capture saw the reply's headers: the turn is alive, readers wait for it again."""
@@ -445,6 +580,8 @@ class SessionStore:
                 self._writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._writer
+            for check in list(self._settling.values()):  # optional work, only a cleanup
+                check.cancel()
             try:
                 if self._subscription is not None:
                     await self._subscription.close()
@@ -463,7 +600,8 @@ class SessionStore:
             **self._registry.stats,
             "dropped": counts["dropped_unknown"]
             + counts["dropped_queue_full"]
-            + counts["dropped_closed"],
+            + counts["dropped_closed"]
+            + counts["remote_unknown"],
             "queue_depth": self._queue.qsize(),
         }
         stats.update({f"hot_{name}": value for name, value in self.hot.stats.items()})
@@ -632,15 +770,40 @@ class SessionStore:
     async def _run_writer(self) -> None:
         while True:
             session_key, turn, pending = await self._queue.get()
+            ours = True  # whether this replica settles the turn (and drops its shared marker)
             try:
-                await self._write(session_key, turn, pending)
+                adopted = turn.turn_id in self._adopted
+                if adopted:
+                    ours = await self._claim_adopted(turn.turn_id)
+                if ours:
+                    await self._write(session_key, turn, pending)
+                    if adopted:
+                        self._counts["remote_completed"] += 1
             except Exception:  # one bad turn must not stop the writer
                 self._counts["write_errors"] += 1
                 log.exception("session store: writing a turn failed")
             finally:
                 # Stored, duplicate or failed: either way nobody should wait for it any longer.
-                self._resolve(session_key, turn.turn_id)
+                if ours:
+                    self._resolve(session_key, turn.turn_id)
+                else:  # the claimer drops the shared marker once it has written the turn
+                    self._registry.resolve(turn.turn_id)
+                    self._adopted.discard(turn.turn_id)
                 self._queue.task_done()
+
+    async def _claim_adopted(self, turn_id: str) -> bool:
+        """Claim a turn another replica began: False when another replica claimed it first."""
+        assert self.warm is not None
+        try:
+            if await self.warm.claim_pending_payload(turn_id):
+                return True
+        except StoreUnavailable:
+            # Unknown whether another replica has it. Write: the turn is not lost, and the
+            # appends are idempotent by turn id (Redis's ids hash, the cold tiers' keys).
+            self._counts["shared_marker_errors"] += 1
+            return True
+        self._counts["remote_claim_lost"] += 1
+        return False
 
     async def _write(self, session_key: str, turn: Turn, pending: PendingTurn) -> None:
         degraded = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 import uuid
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from extproc.config import Settings
-from extproc.envoy_config import bootstrap
+from extproc.envoy_config import EXT_PROC_CLUSTER, bootstrap
 from extproc.supervisor import envoy_binary
 from tests.e2e.conftest import Mock, marker
 from tests.e2e.test_edges import _wait_envoy
@@ -97,8 +98,20 @@ def _start_replica(directory: Path, redis: RedisServer, schema: str, key: Path) 
     return Replica(proc, port, metrics)
 
 
-@pytest.fixture
-def cluster(mock: Mock, tmp_path: Path) -> Iterator[Cluster]:
+def _without_affinity(config: dict[str, Any], lb_policy: str) -> None:
+    """No session affinity over the ext_proc replicas: a reply's capture stream may reach
+    another replica than its request's rewrite stream (what affinity normally prevents)."""
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] == EXT_PROC_CLUSTER:
+            cluster["lb_policy"] = lb_policy
+            for options in cluster["typed_extension_protocol_options"].values():
+                options.pop("hash_policy", None)
+
+
+@contextlib.contextmanager
+def _run_cluster(mock: Mock, tmp_path: Path, *, lb_policy: str | None = None) -> Iterator[Cluster]:
+    """Two replicas behind one Envoy: with session affinity (the generated config), or with
+    the ext_proc cluster balanced by `lb_policy` instead."""
     redis = start_server(tmp_path / "redis")
     schema = "e2e_" + uuid.uuid4().hex[:10]
     key = tmp_path / "hmac.key"
@@ -111,6 +124,8 @@ def cluster(mock: Mock, tmp_path: Path) -> Iterator[Cluster]:
             replicas.append(_start_replica(tmp_path / f"r{i}", redis, schema, key))
         settings = Settings(upstream=mock.url, listen="127.0.0.1:0", tls=False)
         config = bootstrap(settings, [("127.0.0.1", r.port) for r in replicas], None)
+        if lb_policy is not None:
+            _without_affinity(config, lb_policy)
         (tmp_path / "envoy.yaml").write_text(yaml.safe_dump(config))
         admin = tmp_path / "admin"
         with open(tmp_path / "envoy.log", "w") as envoy_log:
@@ -141,6 +156,12 @@ def cluster(mock: Mock, tmp_path: Path) -> Iterator[Cluster]:
             replica.proc.stop()
         redis.kill()
         asyncio.run(_drop_schema(schema))
+
+
+@pytest.fixture
+def cluster(mock: Mock, tmp_path: Path) -> Iterator[Cluster]:
+    with _run_cluster(mock, tmp_path) as found:
+        yield found
 
 
 async def _drop_schema(schema: str) -> None:
@@ -193,3 +214,45 @@ def test_a_session_moving_to_the_other_replica_sees_its_whole_history(
     cluster.client(session).chat.completions.create(model="m", messages=[user(third)])
     messages = mock.request_with(third)["body"]["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == [first, second, third]
+
+
+@pytest.mark.parametrize("lb_policy", ["ROUND_ROBIN", "RANDOM"])
+def test_without_affinity_every_turn_is_recorded_whichever_replica_captures_it(
+    mock: Mock, tmp_path: Path, lb_policy: str
+) -> None:
+    """No ext_proc affinity: rewrite and capture of one request often run on different
+    replicas (round robin over the two streams of each request: always). The capturing
+    replica takes the pending turn from Redis: no turn is lost, the history stays in order,
+    and no request waits out pending_wait_ms for a capture that went elsewhere."""
+    with _run_cluster(mock, tmp_path, lb_policy=lb_policy) as cluster:
+        _converse_and_check(cluster, mock, round_robin=lb_policy == "ROUND_ROBIN")
+
+
+def _converse_and_check(cluster: Cluster, mock: Mock, *, round_robin: bool) -> None:
+    session = "rr-" + uuid.uuid4().hex[:8]
+    client = cluster.client(session)
+    sent: list[str] = []
+    for n in range(13):  # the 13th request checks that the 12th turn was stored too
+        text = marker()
+        stream = n % 2 == 1  # streamed (SSE) and plain JSON replies alike
+        if stream:
+            chunks = client.chat.completions.create(model="m", messages=[user(text)], stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            reply = client.chat.completions.create(model="m", messages=[user(text)])
+            assert reply.choices[0].message.content
+        # The provider saw the whole history so far, in order: every earlier turn was stored.
+        messages = mock.request_with(text)["body"]["messages"]
+        assert [m["content"] for m in messages if m["role"] == "user"] == [*sent, text]
+        sent.append(text)
+    counters = [r.counters() for r in cluster.replicas]
+    names = {name for c in counters for name in c}
+    total = {name: sum(c.get(name, 0) for c in counters) for name in names}
+    assert total["rewrite.injected"] == total["capture.completed"] == 13
+    assert total.get("capture.unknown_turn", 0) == 0
+    assert total["store.remote_adopted"] == total["store.remote_completed"]
+    if round_robin:  # deterministic: the two streams of a request alternate replicas
+        assert total["store.remote_completed"] > 0, total
+    assert total.get("rewrite.pending_wait_timeout", 0) == 0
+    assert total["store.wait_timeouts"] == total["store.shared_wait_timeouts"] == 0
+    assert total["store.dropped"] == 0

@@ -430,7 +430,7 @@ async def test_fill_of_an_empty_cold_session_caches_the_emptiness(backend: Redis
     assert await backend.append_next(SESSION, make_turn("t1", 0)) == Stored(1, snapshot.version + 1)
 
 
-# --- pending-turn markers --------------------------------------------------
+# --- pending turns (markers, payloads) --------------------------------------------------
 
 
 async def test_pending_and_version_come_back_in_one_call(backend: RedisBackend) -> None:
@@ -449,6 +449,44 @@ async def test_pending_and_version_come_back_in_one_call(backend: RedisBackend) 
         stored.version,
     )
     assert await backend.pending_count(SESSION) == 2
+
+
+async def test_pending_payload_is_claimed_exactly_once(backend: RedisBackend) -> None:
+    await backend.add_pending(SESSION, "t1", 60, b"payload")
+    assert await backend.pending_count(SESSION) == 1
+    assert await backend.get_pending_payload("t1") == b"payload"
+    claims = await asyncio.gather(*(backend.claim_pending_payload("t1") for _ in range(8)))
+    assert sorted(claims) == [False] * 7 + [True]
+    assert await backend.get_pending_payload("t1") is None
+    assert await backend.pending_count(SESSION) == 1  # the claimer drops it once written
+    await backend.remove_pending(SESSION, "t1")
+    assert await backend.pending_count(SESSION) == 0
+
+
+async def test_pending_payload_expires_with_its_marker(backend: RedisBackend) -> None:
+    await backend.add_pending(SESSION, "t1", 0.2, b"payload")
+    await asyncio.sleep(0.3)
+    assert await backend.pending_count(SESSION) == 0
+    assert await backend.get_pending_payload("t1") is None
+    assert not await backend.claim_pending_payload("t1")
+
+
+async def test_remove_pending_drops_marker_and_payload(backend: RedisBackend) -> None:
+    await backend.add_pending(SESSION, "t1", 60, b"payload")
+    await backend.remove_pending(SESSION, "t1")
+    assert await backend.pending_count(SESSION) == 0
+    assert await backend.get_pending_payload("t1") is None
+
+
+async def test_pending_settled_when_stored_or_marker_gone(backend: RedisBackend) -> None:
+    for turn_id in ("waiting", "stored", "removed", "expired"):
+        await backend.add_pending(SESSION, turn_id, 0.05 if turn_id == "expired" else 60)
+    await append_with_floor(backend, SESSION, make_turn("stored", 0))
+    await backend.remove_pending(SESSION, "removed")
+    await asyncio.sleep(0.1)
+    ids = ["waiting", "stored", "removed", "expired"]
+    assert await backend.pending_settled(SESSION, ids) == [False, True, True, True]
+    assert await backend.pending_settled(SESSION, []) == []
 
 
 async def test_snapshot_counts_hits_and_misses(backend: RedisBackend) -> None:
@@ -740,6 +778,38 @@ async def test_cluster_sessions_on_different_slots(cluster: RedisClusterServers)
     await delete_prefix(client, prefix)
     await reader.close()
     await backend.close()
+
+
+async def test_cluster_pending_turns_when_marker_and_payload_live_on_two_nodes(
+    cluster: RedisClusterServers,
+) -> None:
+    """The payload is keyed by the turn id (a capture knows nothing else), the marker by the
+    session: on a cluster they may sit on two nodes, and every call still works."""
+    prefix = f"sgtest:{uuid.uuid4().hex[:12]}"
+    backend = RedisBackend.from_url(cluster.url, prefix=prefix)
+    client = backend.client
+    assert isinstance(client, RedisCluster)
+    await client.initialize()
+    key = session(1)
+    node = client.get_node_from_key(backend.keys(key)[0]).name
+    turn_id = next(
+        t
+        for t in (uuid.uuid4().hex for _ in range(1000))
+        if client.get_node_from_key(backend._payload_key(t)).name != node
+    )
+    try:
+        await backend.add_pending(key, turn_id, 60, b"payload")
+        assert await backend.pending_and_version(key) == (1, None)
+        assert await backend.get_pending_payload(turn_id) == b"payload"
+        assert await backend.pending_settled(key, [turn_id]) == [False]
+        assert await backend.claim_pending_payload(turn_id)
+        assert not await backend.claim_pending_payload(turn_id)
+        await backend.remove_pending(key, turn_id)
+        assert await backend.pending_settled(key, [turn_id]) == [True]
+        assert await backend.pending_and_version(key) == (0, None)
+    finally:
+        await delete_prefix(client, prefix)
+        await backend.close()
 
 
 # --- Sentinel ---------------------------------------------------------------------------

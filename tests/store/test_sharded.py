@@ -371,6 +371,43 @@ async def test_pending_markers_of_other_replicas_live_on_the_sessions_shard(
         await b.close()
 
 
+async def test_a_turn_captured_by_another_replica_with_its_payload_on_another_shard(
+    start_nodes: StartNodes, pg_schema: str
+) -> None:
+    """The payload is placed by turn id (all a capture knows), the marker by session: with
+    the two on different shards, the other replica still finds, claims and records it."""
+    servers = start_nodes(3)
+    a = await open_replica(servers, pg_schema)
+    b = await open_replica(servers, pg_schema)
+    try:
+        sharded = cast(ShardedRedis, a.warm)
+        key = session(2)
+        turn_id = next(
+            t
+            for t in (uuid.uuid4().hex for _ in range(1000))
+            if sharded.shard_for_turn(t) is not sharded.shard_for(key)
+        )
+        pending = make_pending(turn_id, key, content="elsewhere")
+        a.begin_turn(pending)
+        for _ in range(100):
+            if await sharded.shard_for_turn(turn_id).get_pending_payload(turn_id) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert await sharded.shard_for(key).get_pending_payload(turn_id) is None
+        assert await sharded.shard_for(key).pending_count(key) == 1
+        assert await b.find_pending(turn_id) == pending
+        assert b.complete_turn(turn_id, assistant("done"), "stop")
+        assert await b.wait_for_pending(key, 5)
+        assert await a.wait_for_pending(key, 5)
+        assert await texts(a, key) == ["elsewhere"]
+        assert b.stats["remote_completed"] == 1
+        assert await sharded.pending_count(key) == 0
+        assert await sharded.get_pending_payload(turn_id) is None
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_session_store_degrades_only_for_the_dead_shards_sessions(
     start_nodes: StartNodes, pg_schema: str
 ) -> None:
