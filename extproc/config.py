@@ -66,6 +66,9 @@ class Settings:
     # The gRPC transport: "h2" (built in, extproc.grpc_h2: several times less CPU per stream)
     # or "grpcio" (grpcio's asyncio server).
     grpc_server: str = "h2"
+    # `up` only: ext_proc worker processes (each an endpoint of the ext_proc cluster, sessions
+    # ring-hashed onto them; the hot tier's bytes are split between them). 2 uses both cores.
+    workers: int = 1
     # `envoy-config` only: the ext_proc replicas Envoy should call (default: grpc_listen). With
     # several, the cluster ring-hashes on the session so each session sticks to one replica.
     ext_proc_endpoints: tuple[str, ...] = ()
@@ -113,6 +116,22 @@ class Settings:
     metrics_listen: str = ""  # HOST:PORT for /metrics and /stats; empty: off
     # Fault injection for tests: hold each captured turn this long before handing it over.
     debug_capture_delay_ms: int = 0
+    # --- context window management (extproc.context) ---
+    context_enabled: bool = True  # false: history is only trimmed to max_upstream_body_bytes
+    # The window of a model neither the built-in table nor [context.models] knows.
+    context_default_window: int = 8192
+    # Output reserved when a request sets no max_tokens/max_completion_tokens (capped at the
+    # model's max output and a quarter of its window); reasoning models reserve the second.
+    context_output_tokens: int = 4096
+    context_reasoning_output_tokens: int = 25000
+    # Cut history in blocks of this fraction of its budget, so the injected prefix stays
+    # byte-identical (provider prompt caches keep hitting) until the next block goes.
+    context_step: float = 0.2
+    context_max_messages: int = 0  # at most this many history messages (whole turns); 0: off
+    # Tokens counted per image part (`detail: low` parts: 85).
+    context_image_tokens: int = 765
+    # [context.models."<model>"] window / max_output / margin / family / reasoning.
+    context: dict[str, Any] = field(default_factory=dict)
 
     @property
     def hmac_key_path(self) -> Path:
@@ -197,6 +216,8 @@ def _coerce(name: str, value: Any) -> Any:
             return Path(str(value)).expanduser()
         if kind.startswith("tuple"):
             return split_list(value, urls=name == "redis_urls")
+        if name == "context":
+            return context_table(value)
         if kind.startswith("dict"):
             return _tenants(value)
         if kind == "str | None":
@@ -238,6 +259,27 @@ def _tenants(value: Any) -> dict[str, dict[str, Any]]:
             raise ValueError(f"tenant {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
         out[name] = {k: _tenant_value(k, v) for k, v in table.items()}
     return out
+
+
+CONTEXT_KEYS = frozenset({"models"})
+
+
+def context_table(value: Any) -> dict[str, Any]:
+    """The `[context]` table: `[context.models."<model>"]` overrides of the windows table. From
+    a flag or the environment it is TOML text: `models."my-model" = {window = 4096}`."""
+    if isinstance(value, str):
+        value = tomllib.loads(value)  # TOMLDecodeError is a ValueError
+    if not isinstance(value, dict):
+        raise ValueError("expected a [context] table")
+    unknown = set(value) - CONTEXT_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(sorted(unknown))}")
+    models = value.get("models", {})
+    if not isinstance(models, dict) or not all(isinstance(t, dict) for t in models.values()):
+        raise ValueError('expected [context.models."<model>"] tables')
+    from extproc.context.models import parse_override
+
+    return {"models": {name: parse_override(name, table) for name, table in models.items()}}
 
 
 def _tenant_value(key: str, value: Any) -> Any:
@@ -311,6 +353,8 @@ def validate(s: Settings) -> None:
     split_host_port(s.grpc_listen, "grpc_listen")
     if s.grpc_server not in GRPC_SERVERS:
         raise ConfigError(f"grpc_server: choose from {', '.join(GRPC_SERVERS)}")
+    if not 1 <= s.workers <= 64:
+        raise ConfigError("workers: 1 to 64 ext_proc processes")
     for endpoint in s.ext_proc_endpoints:
         split_host_port(endpoint, "ext_proc_endpoints")
     if s.metrics_listen:
@@ -341,6 +385,7 @@ def validate(s: Settings) -> None:
         raise ConfigError("log_level: debug, info, warning or error")
     if s.hot_ttl_s < 0:
         raise ConfigError("hot_ttl_s: 0 (no expiry) or more seconds")
+    _validate_context(s)
     _validate_jwt(s)
 
 
@@ -376,6 +421,26 @@ def _validate_warm_tier(tenant: str, redis_url: str | None, redis_urls: tuple[st
         if name in seen:
             raise ConfigError(f"{where}redis_urls: {name} is listed twice")
         seen.add(name)
+
+
+def _validate_context(s: Settings) -> None:
+    if s.context_default_window < 256:
+        raise ConfigError("context_default_window: at least 256 tokens")
+    for name in ("context_output_tokens", "context_reasoning_output_tokens"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name}: 0 or more tokens")
+    if not 0 < s.context_step <= 1:
+        raise ConfigError("context_step: a fraction of the history budget, above 0 and at most 1")
+    if s.context_max_messages < 0:
+        raise ConfigError("context_max_messages: 0 (no limit) or more messages")
+    if s.context_image_tokens < 0:
+        raise ConfigError("context_image_tokens: 0 or more tokens")
+    from extproc.context.models import ModelTable
+
+    try:  # Settings built directly (not from a file) are checked too
+        ModelTable(context_table(s.context)["models"], s.context_default_window)
+    except ValueError as exc:
+        raise ConfigError(f"context: {exc}") from None
 
 
 def _validate_jwt(s: Settings) -> None:

@@ -8,6 +8,7 @@ every other route disables both per route, so it costs nothing.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 from dataclasses import dataclass
@@ -367,7 +368,24 @@ def _endpoint(host: str, port: int) -> dict[str, Any]:
     return {"endpoint": {"address": _socket_address(host, port)}}
 
 
-def ext_proc_cluster(grpc_endpoints: list[tuple[str, int]]) -> dict[str, Any]:
+_HEALTH_CHECKS = [
+    {
+        "timeout": "1s",
+        "interval": "1s",
+        "no_traffic_interval": "1s",
+        "unhealthy_threshold": 1,
+        "healthy_threshold": 1,
+        "grpc_health_check": {},
+    }
+]
+
+
+def ext_proc_cluster(
+    grpc_endpoints: list[tuple[str, int]], health_checks: bool = True
+) -> dict[str, Any]:
+    """`health_checks=False` for `up`'s own worker processes: `up` stops when one dies, so the
+    ring never changes and a session never moves to a worker whose hot copy of it is old (the
+    embedded store has no Redis to tell workers apart writes)."""
     options: dict[str, Any] = {
         "@type": f"type.googleapis.com/{_HTTP_OPTIONS}",
         "explicit_http_config": {
@@ -384,16 +402,7 @@ def ext_proc_cluster(grpc_endpoints: list[tuple[str, int]]) -> dict[str, Any]:
         **({"lb_policy": "RING_HASH"} if replicated else {}),
         # gRPC health checks: a replica that stops or drains (NOT_SERVING) leaves the ring
         # within about a second, instead of failing its sessions' requests.
-        "health_checks": [
-            {
-                "timeout": "1s",
-                "interval": "1s",
-                "no_traffic_interval": "1s",
-                "unhealthy_threshold": 1,
-                "healthy_threshold": 1,
-                "grpc_health_check": {},
-            }
-        ],
+        "health_checks": copy.deepcopy(_HEALTH_CHECKS) if health_checks else [],
         "typed_extension_protocol_options": {_HTTP_OPTIONS: options},
         # Every HTTP request opens up to two ext_proc streams; the default of 1,024 concurrent
         # requests per cluster would turn load into 500s.
@@ -478,6 +487,8 @@ def bootstrap(
     settings: Settings,
     grpc_endpoints: list[tuple[str, int]],
     tls_files: tuple[Path, Path] | None,
+    *,
+    health_checks: bool = True,
 ) -> dict[str, Any]:
     """The whole Envoy config. `tls_files` = (certificate chain, private key) or None."""
     upstream = Upstream.parse(settings.upstream)
@@ -503,7 +514,7 @@ def bootstrap(
                 }
             ],
             "clusters": [
-                ext_proc_cluster(grpc_endpoints),
+                ext_proc_cluster(grpc_endpoints, health_checks),
                 upstream_cluster(upstream, settings.upstream_ca_file),
             ],
         },

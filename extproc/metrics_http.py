@@ -7,7 +7,7 @@ OpenTelemetry export comes later; this keeps drops and fail-open events visible 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -25,13 +25,15 @@ def prometheus_text(values: dict[str, int]) -> str:
 
 
 async def start_metrics_http(
-    listen: str, snapshot: Callable[[], dict[str, int]]
+    listen: str, snapshot: Callable[[], Awaitable[dict[str, int]]]
 ) -> tuple[web.AppRunner, int]:
+    """`snapshot` is async: `up --workers` sums its workers' counters, fetched on each call."""
+
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=prometheus_text(snapshot()), content_type="text/plain")
+        return web.Response(text=prometheus_text(await snapshot()), content_type="text/plain")
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response(snapshot())
+        return web.json_response(await snapshot())
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

@@ -6,6 +6,7 @@ Shared by `serve` (Envoy runs elsewhere) and `up` (which also runs an Envoy).
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,18 @@ class ExtProcService:
     metrics_runner: web.AppRunner | None = None
     metrics_port: int | None = None
 
+    # Counters of other processes to add in (`up --workers`: the other workers').
+    more_counters: Callable[[], Awaitable[dict[str, int]]] | None = None
+
     def counters(self) -> dict[str, int]:
         return {**self.metrics.snapshot(), **{f"store.{k}": v for k, v in self.store.stats.items()}}
+
+    async def all_counters(self) -> dict[str, int]:
+        total = self.counters()
+        if self.more_counters is not None:
+            for name, value in (await self.more_counters()).items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     async def stop(self) -> None:
         await drain(self.server, self.health)
@@ -93,6 +104,6 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
     service = ExtProcService(settings, store, metrics, server, health, port)
     if settings.metrics_listen:
         service.metrics_runner, service.metrics_port = await start_metrics_http(
-            settings.metrics_listen, service.counters
+            settings.metrics_listen, service.all_counters
         )
     return service

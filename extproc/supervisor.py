@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -27,6 +28,15 @@ from extproc.config import Settings
 from extproc.envoy_config import bootstrap, check_jwks_file
 from extproc.runtime import ExtProcService, start_ext_proc
 from extproc.tls import ensure_local_tls
+from extproc.workers import (
+    Worker,
+    WorkerError,
+    first_exit,
+    start_workers,
+    stop_workers,
+    worker_counters,
+    worker_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +151,22 @@ async def run_up(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     service: ExtProcService | None = None
+    workers: list[Worker] = []
     envoy = EnvoyProcess(settings.state_dir)
     try:
-        service = await start_ext_proc(settings, create_key=True)
+        local = worker_settings(settings, settings.workers) if settings.workers > 1 else settings
+        service = await start_ext_proc(
+            dataclasses.replace(local, workers=settings.workers), create_key=True
+        )
+        workers = await start_workers(settings, settings.workers - 1)
+        if workers:
+            service.more_counters = lambda: worker_counters(workers)
+        endpoints = [("127.0.0.1", service.port)] + [("127.0.0.1", w.grpc_port) for w in workers]
         config = bootstrap(
             settings,
-            [("127.0.0.1", service.port)],
+            endpoints,
             (tls.cert, tls.key) if tls else None,
+            health_checks=not workers,
         )
         await envoy.start(config, settings.log_level)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -161,18 +180,30 @@ async def run_up(settings: Settings) -> int:
         print(f"ready {url}", flush=True)
         assert envoy.proc is not None
         envoy_exit = asyncio.ensure_future(envoy.proc.wait())
+        worker_exit = asyncio.ensure_future(first_exit(workers))
         stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({envoy_exit, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {envoy_exit, worker_exit, stopped}, return_when=asyncio.FIRST_COMPLETED
+        )
         stopped.cancel()
+        worker_exit.cancel()
         if envoy_exit in done:
             log.error("envoy exited with status %s; stopping", envoy.proc.returncode)
             return 1
+        if worker_exit in done:
+            # Its sessions cannot move to another worker safely (see extproc.workers): stop.
+            log.error(
+                "an ext_proc worker exited with status %s; stopping",
+                worker_exit.result().proc.returncode,
+            )
+            return 1
         return 0
-    except StartupError as exc:
+    except (StartupError, WorkerError) as exc:
         log.error("%s", exc)
         return 1
     finally:
         await envoy.stop()
+        await stop_workers(workers)
         if service is not None:
             await service.stop()
 
