@@ -1,11 +1,19 @@
 """Offline token counting with tiktoken's bundled `cl100k_base` (never downloads anything).
 
 `count_messages` follows the OpenAI cookbook formula for chat models: 3 tokens of framing per
-message, the tokens of every string value (role, content, tool_call_id, ...), +1 per `name`,
-and 3 tokens priming the reply. Content may be a list of parts: `text` (and `refusal`) parts are
-counted; each image part is a fixed `IMAGE_TOKENS` estimate (the price of one low-detail image
-tile; high-detail images cost more, so this is a floor, not an exact figure). Other parts
-(audio, files) are not counted here. Tool calls count their function name and arguments.
+message (`count_message`), the tokens of every string value (role, content, tool_call_id, ...),
++1 per `name`, and 3 tokens priming the reply. Nested values (`tool_calls`: id, type, function
+name and arguments; `function_call`; `audio` references) count every string in them, which is
+what the mock provider charges and errs on the side of too many for a real one. Content may be a
+list of parts: text parts count their strings (`type` and `text`); each image part is a fixed
+estimate (`image_tokens`, by default `IMAGE_TOKENS`, the price of one low-detail tile; a part
+marked `detail: low` always costs `IMAGE_TOKENS`), an audio part `AUDIO_TOKENS`, a file part
+`FILE_TOKENS`: their payloads (base64) are never tokenized.
+
+`count_json` counts a JSON value as its compact encoding (tool schemas, `response_format`): more
+than the provider's own rendering of them, on purpose.
+
+Every count here is in `ENCODING_NAME` tokens; a caller that caches counts keys them by it.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from functools import cache, lru_cache
 from typing import Any
 
+import orjson
 import tiktoken
 
 from store.model import Message
@@ -23,6 +32,8 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 IMAGE_TOKENS = 85
+AUDIO_TOKENS = 1000  # about a minute of input audio
+FILE_TOKENS = 2000  # a file part's size is unknown here: a flat guess
 _CACHE_MAX_CHARS = 16_384  # longer strings are counted, not cached (bounds the cache's memory)
 
 
@@ -84,18 +95,68 @@ def count_reply(message: Message) -> int:
     return n
 
 
-def count_messages(messages: Sequence[Message]) -> int:
-    """Prompt tokens of `messages` by the cookbook formula, including the reply priming."""
-    n = REPLY_PRIMING
-    for message in messages:
-        n += TOKENS_PER_MESSAGE
-        for key, value in message.items():
-            if isinstance(value, str):
-                n += count_text(value)
-                if key == "name":
-                    n += TOKENS_PER_NAME
-            elif key == "content" and isinstance(value, list):
-                n += _count_parts(value)
-            elif key == "tool_calls" and isinstance(value, list):
-                n += _count_tool_calls(value)
+def _count_strings(value: Any) -> int:
+    """Every string inside a JSON value (dict values, list items), keys excluded."""
+    if isinstance(value, str):
+        return count_text(value)
+    if isinstance(value, dict):
+        return sum(_count_strings(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_count_strings(item) for item in value)
+    return 0
+
+
+def _count_prompt_parts(parts: list[Any], image_tokens: int) -> int:
+    n = 0
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind in ("image_url", "image"):
+            image = part.get("image_url")
+            low = isinstance(image, dict) and image.get("detail") == "low"
+            n += IMAGE_TOKENS if low else image_tokens
+        elif kind in ("input_audio", "audio"):
+            n += AUDIO_TOKENS
+        elif kind == "file":
+            n += FILE_TOKENS
+        else:
+            n += _count_strings(part)
     return n
+
+
+def count_message(message: Message, image_tokens: int = IMAGE_TOKENS) -> int:
+    """Prompt tokens of one message by the cookbook formula (framing included, no priming)."""
+    n = TOKENS_PER_MESSAGE
+    for key, value in message.items():
+        if isinstance(value, str):
+            n += count_text(value)
+            if key == "name":
+                n += TOKENS_PER_NAME
+        elif isinstance(value, list) and key == "content":
+            n += _count_prompt_parts(value, image_tokens)
+        elif isinstance(value, dict | list):
+            n += _count_strings(value)
+    return n
+
+
+def count_messages(messages: Sequence[Message], image_tokens: int = IMAGE_TOKENS) -> int:
+    """Prompt tokens of `messages` by the cookbook formula, including the reply priming."""
+    return REPLY_PRIMING + sum(count_message(m, image_tokens) for m in messages)
+
+
+@lru_cache(maxsize=256)
+def _count_json_cached(encoded: str) -> int:
+    return len(encoding().encode_ordinary(encoded))
+
+
+def count_json(value: Any) -> int:
+    """Tokens of `value`'s compact JSON (tool and response_format schemas). Cached by the
+    encoded text, so a client that sends the same tools every request tokenizes them once."""
+    try:
+        encoded = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # an integer beyond 64 bits: rare enough to count uncached
+        return count_text(str(value))
+    if len(encoded) > 1_048_576:
+        return len(encoding().encode_ordinary(encoded))
+    return _count_json_cached(encoded)

@@ -43,11 +43,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from extproc.context.window import turn_starts_clean
 from extproc.protocols.wire import TurnWireCache, joined
 from extproc.tokens import count_reply
 from store.model import Message, Turn, Usage
@@ -382,7 +384,7 @@ def parse_request(raw: bytes) -> ChatRequest:
     )
 
 
-def pinned_system(history: list[Turn]) -> tuple[Message, ...]:
+def pinned_system(history: Sequence[Turn]) -> tuple[Message, ...]:
     """The most recent system prompt the session was given."""
     for turn in reversed(history):
         if turn.system_messages:
@@ -402,14 +404,28 @@ _SPLICE_MARK = f"sessiongate-splice-{secrets.token_hex(16)}"
 _SPLICE_BYTES = b'"' + _SPLICE_MARK.encode() + b'"'
 
 
-def build_body(request: ChatRequest, history: list[Turn], max_bytes: int) -> tuple[bytes, int]:
-    """System prompt (the request's own, else the pinned one), then history, then new messages.
+def _orphans(history: Sequence[Turn], skip: int) -> bool:
+    """Cutting before history[skip] would leave tool results without their calls."""
+    return skip > 0 and not turn_starts_clean(history[skip])
 
-    Returns the body and how many of the oldest turns were left out so it stays within
-    `max_bytes` (Envoy's buffer limit for the rewritten request). History turns are spliced in
-    from their cached encoding; only the request's own parts are encoded here.
+
+def build_body(
+    request: ChatRequest,
+    history: Sequence[Turn],
+    max_bytes: int,
+    system: tuple[Message, ...] | None = None,
+) -> tuple[bytes, int]:
+    """System prompt, then history, then the request's new messages.
+
+    `history` is what extproc.context selected to fit the model's window; `system` what it
+    chose to start with (None: the request's own, else the pinned one of `history`). Returns the
+    body and how many of the oldest turns were left out so it stays within `max_bytes` (Envoy's
+    buffer limit for the rewritten request): the last safety net, which like the context window
+    never starts the history with tool results whose calls it left out. History turns are
+    spliced in from their cached encoding; only the request's own parts are encoded here.
     """
-    system = request.system_messages or pinned_system(history)
+    if system is None:
+        system = request.system_messages or pinned_system(history)
     body = dict(request.body)
     body["messages"] = _SPLICE_MARK
     frame = _dumps(body)
@@ -424,7 +440,7 @@ def build_body(request: ChatRequest, history: list[Turn], max_bytes: int) -> tup
     fixed = len(before) + len(after) + 2 - 1 + sum(len(p) + 1 for p in head + tail)
     budget, skip = max_bytes - fixed, 0
     total = sum(len(p) + 1 for p in pieces)
-    while skip < len(pieces) and total > budget:
+    while skip < len(pieces) and (total > budget or _orphans(history, skip)):
         total -= len(pieces[skip]) + 1
         skip += 1
     items = b",".join([*head, *pieces[skip:], *tail])
@@ -432,7 +448,7 @@ def build_body(request: ChatRequest, history: list[Turn], max_bytes: int) -> tup
 
 
 def _build_body_slowly(
-    request: ChatRequest, system: tuple[Message, ...], history: list[Turn], max_bytes: int
+    request: ChatRequest, system: tuple[Message, ...], history: Sequence[Turn], max_bytes: int
 ) -> tuple[bytes, int]:
     body = dict(request.body)
     body["messages"] = [*system, *request.new_messages]
@@ -440,7 +456,7 @@ def _build_body_slowly(
     sizes = [len(WIRE_CACHE.get(turn)) + 1 for turn in history]
     budget, skip = max_bytes - base, 0
     total = sum(sizes)
-    while skip < len(history) and total > budget:
+    while skip < len(history) and (total > budget or _orphans(history, skip)):
         total -= sizes[skip]
         skip += 1
     messages: list[Message] = list(system)

@@ -9,6 +9,9 @@ Keyed by turn id, and valid only for the very Turn object it was made from (`is`
 tier hands out the same objects request after request, so hits are the rule, and a turn
 reloaded from Redis or the cold tier, or another turn under the same id (store-level callers
 can make one), is simply encoded again. Bounded by bytes, least recently used first.
+
+`TurnCache` is the same cache for any value derived from a turn: extproc.context keeps each
+turn's token count in one, keyed by encoding.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
 from store.model import Turn
+
+T = TypeVar("T")
 
 
 def dumps_exact(value: Any) -> bytes:
@@ -36,16 +41,28 @@ def joined(messages: Sequence[Any]) -> bytes:
     return dumps_exact(list(messages))[1:-1]
 
 
-class TurnWireCache:
-    def __init__(self, encode: Callable[[Turn], bytes], max_bytes: int = 32 * 1024 * 1024) -> None:
-        self._encode = encode
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        self._items: OrderedDict[str, tuple[Turn, bytes]] = OrderedDict()
+class TurnCache(Generic[T]):
+    """A value derived from a turn (its wire bytes, its token count...), cached.
+
+    Keyed by turn id and valid only for the very Turn object it was made from. Bounded by the
+    sum of `size(value)` (1 per entry by default), least recently used first.
+    """
+
+    def __init__(
+        self,
+        derive: Callable[[Turn], T],
+        max_size: int,
+        size: Callable[[T], int] | None = None,
+    ) -> None:
+        self._derive = derive
+        self._size = size
+        self._max_size = max_size
+        self._total = 0
+        self._items: OrderedDict[str, tuple[Turn, T]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, turn: Turn) -> bytes:
+    def get(self, turn: Turn) -> T:
         items = self._items
         entry = items.get(turn.turn_id)
         if entry is not None and entry[0] is turn:
@@ -53,19 +70,27 @@ class TurnWireCache:
             self.hits += 1
             return entry[1]
         self.misses += 1
-        wire = self._encode(turn)
+        value = self._derive(turn)
+        size = 1 if self._size is None else self._size(value)
         if entry is not None:
-            self._bytes -= len(entry[1])
-        if len(wire) <= self._max_bytes:
-            items[turn.turn_id] = (turn, wire)
+            self._total -= 1 if self._size is None else self._size(entry[1])
+        if size <= self._max_size:
+            items[turn.turn_id] = (turn, value)
             items.move_to_end(turn.turn_id)
-            self._bytes += len(wire)
-            while self._bytes > self._max_bytes:
+            self._total += size
+            while self._total > self._max_size:
                 _, (_, evicted) = items.popitem(last=False)
-                self._bytes -= len(evicted)
+                self._total -= 1 if self._size is None else self._size(evicted)
         elif entry is not None:
             del items[turn.turn_id]
-        return wire
+        return value
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+class TurnWireCache(TurnCache[bytes]):
+    """A turn's messages as spliced into a request body; bounded by bytes."""
+
+    def __init__(self, encode: Callable[[Turn], bytes], max_bytes: int = 32 * 1024 * 1024) -> None:
+        super().__init__(encode, max_bytes, len)

@@ -719,8 +719,10 @@ def test_count_messages_parts_images_and_tool_calls() -> None:
     c = tokens.count_text
     expected = (
         3
-        + (3 + c("user") + c("hello world") + 2 * tokens.IMAGE_TOKENS)
-        + (3 + c("assistant") + c("get_time") + c("{}"))
+        # Text parts count all their strings (`type` too); images a fixed estimate.
+        + (3 + c("user") + c("text") + c("hello world") + 2 * tokens.IMAGE_TOKENS)
+        # Tool calls count every string in them: id, type, name, arguments.
+        + (3 + c("assistant") + c("call_1") + c("function") + c("get_time") + c("{}"))
         + (3 + c("tool") + c("call_1") + c("noon"))
     )
     assert tokens.count_messages(messages) == expected

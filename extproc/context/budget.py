@@ -1,0 +1,104 @@
+"""Token budget arithmetic: what is left for injected history once the request is counted.
+
+    usable  = floor((window - reserved_output) / (1 + margin))
+    history = usable - the request's own parts - the injected system prompt
+
+`reserved_output` is the request's `max_completion_tokens` or `max_tokens` (reasoning tokens
+are part of them), else a configured default capped at the model's `max_output` and at a
+quarter of the window. It is in the provider's own tokens, so it comes off the window before
+the margin scales our (cl100k) counts. The request's own parts are its system/developer
+messages, its new messages (images and audio at fixed estimates), its `tools` (and legacy
+`functions`) and `response_format` schemas as compact JSON, and the 3 tokens priming the reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.context.models import ModelLimits
+from extproc.tokens import REPLY_PRIMING, count_json, count_message
+from store.model import Message
+
+SCHEMA_FIELDS = ("tools", "functions", "response_format")
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if type(value) is int and value > 0 else None
+
+
+def reserved_output(
+    body: Mapping[str, Any], limits: ModelLimits, default: int, reasoning_default: int
+) -> int:
+    """Tokens kept free for the reply: the client's own limit when it sets one."""
+    asked = _positive_int(body.get("max_completion_tokens")) or _positive_int(
+        body.get("max_tokens")
+    )
+    if asked is not None:
+        return asked
+    reserve = reasoning_default if limits.reasoning else default
+    if limits.max_output:
+        reserve = min(reserve, limits.max_output)
+    return min(reserve, limits.window // 4)
+
+
+def usable_tokens(window: int, reserved: int, margin: float) -> int:
+    """Prompt tokens we may count (in our encoding) for a request to fit the window."""
+    return int((window - reserved) // (1 + margin))
+
+
+def schema_tokens(body: Mapping[str, Any]) -> int:
+    """Tool definitions and the response_format schema, as the body carries them."""
+    n = 0
+    for name in SCHEMA_FIELDS:
+        value = body.get(name)
+        if value:
+            n += count_json(value)
+    return n
+
+
+def messages_tokens(messages: Iterable[Message], image_tokens: int) -> int:
+    return sum(count_message(m, image_tokens) for m in messages)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    window: int
+    reserved_output: int
+    margin: float
+    usable: int  # counted prompt tokens that fit
+    request: int  # the request's own parts (priming included)
+    system: int  # the system prompt sessiongate injects (0 when the request has its own)
+
+    @property
+    def history(self) -> int:
+        """Tokens left for injected history (negative: not even the request fits)."""
+        return self.usable - self.request - self.system
+
+    @property
+    def request_fits(self) -> bool:
+        return self.request <= self.usable
+
+
+def compute(
+    body: Mapping[str, Any],
+    limits: ModelLimits,
+    *,
+    own_messages: Iterable[Message],
+    injected_system: Iterable[Message],
+    default_output: int,
+    reasoning_output: int,
+    image_tokens: int,
+) -> Budget:
+    reserved = reserved_output(body, limits, default_output, reasoning_output)
+    margin = limits.safety_margin
+    request = REPLY_PRIMING + messages_tokens(own_messages, image_tokens) + schema_tokens(body)
+    return Budget(
+        window=limits.window,
+        reserved_output=reserved,
+        margin=margin,
+        usable=usable_tokens(limits.window, reserved, margin),
+        request=request,
+        system=messages_tokens(injected_system, image_tokens),
+    )

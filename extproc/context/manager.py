@@ -1,0 +1,164 @@
+"""Per request: fit the session's history into the model's context window.
+
+Injection order (DESIGN, context rules): the system prompt (the request's own system/developer
+messages, else the session's pinned one: counted once, never both), then history, then the
+request's new messages. What is dropped, in order: the oldest history turns (sliding window,
+`window.select`), then the pinned system prompt. A request that does not fit even on its own
+is sent unchanged: sessiongate never makes a request exceed the window, and never hides that a
+client's own request does (`request_exceeds_window`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.context import budget as budgets
+from extproc.context.models import ModelTable
+from extproc.context.window import (
+    HistoryIndexCache,
+    TurnInfo,
+    select,
+    starts_clean,
+    turn_starts_clean,
+)
+from extproc.protocols.wire import TurnCache
+from extproc.tokens import ENCODING_NAME, count_message
+from store.model import Message, Turn
+
+# Outcomes, as reported in metrics and dynamic metadata.
+FIT = "fit"  # all history injected
+TRIMMED = "trimmed"  # some history left out
+REQUEST_EXCEEDS_WINDOW = "request_exceeds_window"  # the client's request alone is too big
+SYSTEM_DROPPED = "pinned_system_dropped"  # only the request fits, without the pinned prompt
+TOOL_EXCHANGE_TOO_LARGE = "tool_exchange_too_large"  # the calls the request answers do not fit
+DISABLED = "disabled"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSettings:
+    enabled: bool = True
+    default_window: int = 8192
+    output_tokens: int = 4096
+    reasoning_output_tokens: int = 25_000
+    step: float = 0.2
+    max_messages: int = 0
+    image_tokens: int = 765
+    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPlan:
+    outcome: str
+    system: tuple[Message, ...]  # the system messages the body starts with
+    turns: Sequence[Turn]  # the history to inject, oldest first
+    window: int = 0
+    reserved_output: int = 0
+    available: int = 0  # history tokens available within the budget
+    injected: int = 0  # history tokens injected
+    prompt_tokens: int = 0  # the whole prompt as counted (request + injected)
+    total_turns: int = 0
+    dropped: Mapping[str, int] = field(default_factory=dict)  # turns left out, by strategy
+
+    @property
+    def unchanged(self) -> bool:
+        """Send the client's body exactly as it came: nothing injected."""
+        return self.outcome in (REQUEST_EXCEEDS_WINDOW, SYSTEM_DROPPED, TOOL_EXCHANGE_TOO_LARGE)
+
+    @property
+    def dropped_turns(self) -> int:
+        return sum(self.dropped.values())
+
+
+class ContextManager:
+    """Shared per process. Token counts are cached per turn (keyed by encoding) and per session
+    (prefix sums), so a request costs its own messages' counting plus a bisect."""
+
+    def __init__(self, settings: ContextSettings) -> None:
+        self.settings = settings
+        self.models = ModelTable(settings.models, settings.default_window)
+        self.encoding = ENCODING_NAME
+        self.turn_info = TurnCache(self._turn_info, max_size=500_000)
+        self.indexes = HistoryIndexCache(self.turn_info.get)
+
+    def _turn_info(self, turn: Turn) -> TurnInfo:
+        image = self.settings.image_tokens
+        messages = turn.messages()
+        return TurnInfo(
+            tokens=sum(count_message(m, image) for m in messages),
+            messages=len(messages),
+            clean_start=turn_starts_clean(turn),
+            has_system=bool(turn.system_messages),
+        )
+
+    def plan(
+        self,
+        session_key: str,
+        body: Mapping[str, Any],
+        model: str,
+        system_messages: tuple[Message, ...],
+        new_messages: tuple[Message, ...],
+        history: Sequence[Turn],
+    ) -> ContextPlan:
+        s = self.settings
+        index = self.indexes.index(f"{self.encoding}\0{session_key}", history)
+        pinned: tuple[Message, ...] = ()
+        if not system_messages and index.last_system >= 0:
+            pinned = history[index.last_system].system_messages
+        system = system_messages or pinned
+        n = index.n
+        if not s.enabled:
+            return ContextPlan(DISABLED, system, history, total_turns=n)
+        limits = self.models.lookup(model)
+        budget = budgets.compute(
+            body,
+            limits,
+            own_messages=(*system_messages, *new_messages),
+            injected_system=pinned,
+            default_output=s.output_tokens,
+            reasoning_output=s.reasoning_output_tokens,
+            image_tokens=s.image_tokens,
+        )
+        common = {
+            "window": limits.window,
+            "reserved_output": budget.reserved_output,
+            "total_turns": n,
+        }
+        if budget.history < 0:
+            outcome = SYSTEM_DROPPED if budget.request_fits else REQUEST_EXCEEDS_WINDOW
+            return ContextPlan(
+                outcome,
+                system_messages,
+                (),
+                prompt_tokens=budget.request,
+                dropped={"window_tokens": n} if n else {},
+                **common,
+            )
+        chosen = select(
+            index,
+            budget.history,
+            step_fraction=s.step,
+            max_messages=s.max_messages,
+            must_keep_last=not starts_clean(new_messages),
+        )
+        if not chosen.fits:
+            return ContextPlan(
+                TOOL_EXCHANGE_TOO_LARGE,
+                system_messages,
+                (),
+                available=budget.history,
+                prompt_tokens=budget.request,
+                dropped=chosen.dropped,
+                **common,
+            )
+        return ContextPlan(
+            TRIMMED if chosen.start else FIT,
+            system,
+            history[chosen.start :],
+            available=budget.history,
+            injected=chosen.tokens,
+            prompt_tokens=budget.request + budget.system + chosen.tokens,
+            dropped=chosen.dropped,
+            **common,
+        )
