@@ -119,7 +119,7 @@ class Settings:
     # --- context window management (extproc.context) ---
     context_enabled: bool = True  # false: history is only trimmed to max_upstream_body_bytes
     # The window of a model neither the built-in table nor [context.models] knows.
-    context_default_window: int = 8192
+    context_default_window: int = 32768
     # Output reserved when a request sets no max_tokens/max_completion_tokens (capped at the
     # model's max output and a quarter of its window); reasoning models reserve the second.
     context_output_tokens: int = 4096

@@ -76,7 +76,12 @@ def request_body_unchanged() -> Any:
     return ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
 
 
-def request_body_replaced(body: bytes, turn_id: str, affinity: str = "") -> Any:
+def request_body_replaced(
+    body: bytes,
+    turn_id: str,
+    affinity: str = "",
+    context: Mapping[str, str | int] | None = None,
+) -> Any:
     """The rewritten body, its byte length, and the turn id for the capture filter.
 
     With a BUFFERED body and SEND headers, content-length must be set here: a mismatch is a
@@ -87,17 +92,34 @@ def request_body_replaced(body: bytes, turn_id: str, affinity: str = "") -> Any:
         body_mutation=ep.BodyMutation(body=body),
     )
     response = ProcessingResponse(request_body=ep.BodyResponse(response=common))
-    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id, affinity))
+    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id, affinity, context))
     return response
 
 
-def turn_metadata(turn_id: str, affinity: str = "") -> Any:
-    """For the capture filter: the turn id, and the affinity key its gRPC stream hashes."""
+def request_body_kept(
+    turn_id: str, affinity: str = "", context: Mapping[str, str | int] | None = None
+) -> Any:
+    """The client's body goes on exactly as it came (nothing injected), yet the turn is still
+    recorded: the turn id and context figures go to dynamic metadata as for a rewrite."""
+    response = ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
+    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id, affinity, context))
+    return response
+
+
+def turn_metadata(
+    turn_id: str, affinity: str = "", context: Mapping[str, str | int] | None = None
+) -> Any:
+    """For the capture filter: the turn id, and the affinity key its gRPC stream hashes; for the
+    route (response headers, access logs): the request's context figures (`context_*` keys,
+    numbers as strings so `%DYNAMIC_METADATA(sessiongate:...)%` prints them as integers)."""
     metadata = struct_pb2.Struct()
     namespace = metadata.get_or_create_struct(METADATA_NAMESPACE)
     namespace["turn_id"] = turn_id
     if affinity:
         namespace[AFFINITY_KEY] = affinity
+    if context:
+        for key, value in context.items():
+            namespace[key] = str(value)
     return metadata
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from extproc import mutations
 from extproc.config import Settings
+from extproc.context import ContextManager, ContextPlan, ContextSettings
+from extproc.context.window import SIZE_LIMIT
 from extproc.errors import openai_error
 from extproc.identity import Identity, IdentityResolver, valid_session_id
 from extproc.metrics import Metrics
@@ -36,6 +38,19 @@ class SessionContext:
     op: SessionOp | None = None
 
 
+def context_settings(settings: Settings) -> ContextSettings:
+    return ContextSettings(
+        enabled=settings.context_enabled,
+        default_window=settings.context_default_window,
+        output_tokens=settings.context_output_tokens,
+        reasoning_output_tokens=settings.context_reasoning_output_tokens,
+        step=settings.context_step,
+        max_messages=settings.context_max_messages,
+        image_tokens=settings.context_image_tokens,
+        models=settings.context.get("models", {}),
+    )
+
+
 class Rewriter:
     """Shared per process; holds no per-request state."""
 
@@ -51,6 +66,7 @@ class Rewriter:
         self.store = store
         self.metrics = metrics
         self._namespaces = (settings.jwt_metadata_namespace, "sessiongate.identity")
+        self.context = ContextManager(context_settings(settings))
 
     def on_request_headers(self, request: Any) -> tuple[Any, SessionContext | None]:
         """The headers response, and the session when the body should come to us."""
@@ -154,9 +170,18 @@ class Rewriter:
         if context.op is not None:
             await self._apply_op(store, context, context.op)
         history = await store.history(key)
-        body, dropped = chat.build_body(parsed, history, self.settings.upstream_body_limit)
-        if dropped:
-            self.metrics.inc("rewrite.turns_dropped_for_size", dropped)
+        plan = self.context.plan(
+            key, parsed.body, parsed.model, parsed.system_messages, parsed.new_messages, history
+        )
+        body = b""
+        dropped = 0
+        if not plan.unchanged:
+            body, dropped = chat.build_body(
+                parsed, plan.turns, self.settings.upstream_body_limit, plan.system
+            )
+            if dropped:
+                self.metrics.inc("rewrite.turns_dropped_for_size", dropped)
+        figures = self._context_figures(plan, dropped)
         turn_id = self.store.new_turn_id(tenant)
         self.store.begin_turn(
             PendingTurn(
@@ -169,12 +194,43 @@ class Rewriter:
                 principal=context.identity.principal,
                 scopes=context.identity.scopes,
                 user_agent=context.user_agent,
-                # Rough (4 bytes a token) and only used when the provider reports no usage.
-                prompt_tokens_estimate=len(body) // 4,
+                # Only used when the provider reports no usage.
+                prompt_tokens_estimate=plan.prompt_tokens or len(body) // 4,
             )
         )
+        if plan.unchanged:
+            self.metrics.inc("rewrite.unchanged")
+            return mutations.request_body_kept(turn_id, context.session_id, figures)
         self.metrics.inc("rewrite.injected")
-        return mutations.request_body_replaced(body, turn_id, context.session_id)
+        return mutations.request_body_replaced(body, turn_id, context.session_id, figures)
+
+    def _context_figures(self, plan: ContextPlan, size_dropped: int) -> dict[str, str | int]:
+        """Count the plan into the metrics; the same figures go to dynamic metadata."""
+        inc = self.metrics.inc
+        inc(f"context.outcome.{plan.outcome}")
+        dropped = dict(plan.dropped)
+        if size_dropped:
+            dropped[SIZE_LIMIT] = size_dropped
+        for strategy, turns in dropped.items():
+            inc(f"context.dropped_turns.{strategy}", turns)
+        injected_turns = 0 if plan.unchanged else len(plan.turns) - size_dropped
+        injected, prompt = plan.injected, plan.prompt_tokens
+        if size_dropped:
+            cut = sum(self.context.turn_info.get(t).tokens for t in plan.turns[:size_dropped])
+            injected, prompt = max(injected - cut, 0), max(prompt - cut, 0)
+        inc("context.history_tokens_available", max(plan.available, 0))
+        inc("context.history_tokens_injected", injected)
+        return {
+            "context_outcome": plan.outcome if not size_dropped else "trimmed",
+            "context_window": plan.window,
+            "context_reserved_output": plan.reserved_output,
+            "context_history_available": max(plan.available, 0),
+            "context_history_injected": injected,
+            "context_turns_injected": injected_turns,
+            "context_turns_dropped": sum(dropped.values()),
+            "context_dropped_by": ",".join(f"{k}:{v}" for k, v in sorted(dropped.items())),
+            "context_prompt_estimate": prompt,
+        }
 
     async def _apply_op(self, store: SessionStore, context: SessionContext, op: SessionOp) -> None:
         key = context.session_key

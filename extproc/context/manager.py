@@ -39,7 +39,7 @@ DISABLED = "disabled"
 @dataclass(frozen=True, slots=True)
 class ContextSettings:
     enabled: bool = True
-    default_window: int = 8192
+    default_window: int = 32768
     output_tokens: int = 4096
     reasoning_output_tokens: int = 25_000
     step: float = 0.2
