@@ -164,12 +164,17 @@ class Rewriter:
         key = context.session_key
         tenant = context.identity.tenant
         store = self.store.for_tenant(tenant)
-        # Read-your-writes: the previous turn of this session may still be in capture.
-        if not await store.wait_for_pending(key, self.settings.pending_wait_ms / 1000):
-            self.metrics.inc("rewrite.pending_wait_timeout")
-        if context.op is not None:
+        # Read-your-writes: the previous turn of this session may still be in capture. Without
+        # a session op, the pending check and the hot copy's version check share one Redis call.
+        wait_s = self.settings.pending_wait_ms / 1000
+        if context.op is None:
+            waited, history = await store.history_after_pending(key, wait_s)
+        else:
+            waited = await store.wait_for_pending(key, wait_s)
             await self._apply_op(store, context, context.op)
-        history = await store.history(key)
+            history = await store.history(key)
+        if not waited:
+            self.metrics.inc("rewrite.pending_wait_timeout")
         plan = self.context.plan(
             key, parsed.body, parsed.model, parsed.system_messages, parsed.new_messages, history
         )
