@@ -127,3 +127,25 @@ class CaptureStream:
         self.store.abandon_turn(self.pending.turn_id)
         self.metrics.inc(f"capture.abandoned.{reason}")
         return False
+
+
+class CaptureObserver:
+    """A `CaptureStream` driven message by message by the transport (extproc.grpc_h2.Observer):
+    the first message is the response headers, then body chunks; `on_end` always comes last."""
+
+    __slots__ = ("_started", "stream")
+
+    def __init__(self, stream: CaptureStream) -> None:
+        self.stream = stream
+        self._started = False
+
+    def on_message(self, request: Any) -> bool:
+        if not self._started:
+            self._started = True
+            return self.stream.on_response_headers(request)
+        if request.WhichOneof("request") == "response_body":
+            return self.stream.on_response_body(request)
+        return True  # trailers and the like: nothing to record
+
+    def on_end(self) -> None:
+        self.stream.on_stream_end()

@@ -54,7 +54,10 @@ def methods(servicer: Any, health: HealthState) -> dict[str, Method]:
 
     return {
         PROCESS_PATH: Method(
-            ep.ProcessingRequest.FromString, ep.ProcessingResponse.SerializeToString, process
+            ep.ProcessingRequest.FromString,
+            ep.ProcessingResponse.SerializeToString,
+            process,
+            observe=servicer.observe,
         ),
         HEALTH_CHECK_PATH: Method(
             health_pb2.HealthCheckRequest.FromString,

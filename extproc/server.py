@@ -18,7 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc import mutations
-from extproc.capture import CaptureStream
+from extproc.capture import CaptureObserver, CaptureStream
 from extproc.config import Settings
 from extproc.metrics import Metrics
 from extproc.rewrite import Rewriter
@@ -65,13 +65,30 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
                 return
             self.metrics.inc("server.unexpected_message")
 
-    async def _capture(self, first: Any, requests: AsyncIterator[Any]) -> None:
-        stream = CaptureStream(
+    def _capture_stream(self) -> CaptureStream:
+        return CaptureStream(
             self.store,
             self.metrics,
             max_json_bytes=self.settings.max_body_bytes * 8,
             delay_s=self.settings.debug_capture_delay_ms / 1000,
         )
+
+    def observe(self, first: Any) -> CaptureObserver | None:
+        """The built-in transport's hook (extproc.grpc_h2.Observer): a capture stream whose
+        turn this process already knows is consumed synchronously, without a task or a wake-up
+        per chunk. Rewrite streams, and captures of a turn another replica rewrote (fetched
+        from Redis, which needs `await`), run through `Process`."""
+        if first.WhichOneof("request") != "response_headers":
+            return None
+        turn_id = mutations.turn_id_of(first)
+        if turn_id is not None and self.store.pending(turn_id) is None:
+            return None
+        self.metrics.inc("server.capture.observer")
+        return CaptureObserver(self._capture_stream())
+
+    async def _capture(self, first: Any, requests: AsyncIterator[Any]) -> None:
+        self.metrics.inc("server.capture.handler")
+        stream = self._capture_stream()
         try:
             turn_id = mutations.turn_id_of(first)
             if turn_id is not None:

@@ -37,6 +37,7 @@ def test_grpcio_transport_serves_the_same_conversation(mock: Mock, tmp_path: Pat
         _conversation(gateway, mock, "s-grpcio")
         counters = gateway.counters()
         assert counters["capture.completed"] == 3 and counters["rewrite.injected"] == 3
+        assert counters["server.capture.handler"] == 3  # grpcio has no observer hook
     finally:
         assert gateway.proc.stop() == 0, gateway.proc.log()
 
@@ -48,6 +49,13 @@ def test_builtin_transport_serves_the_conversation(
     _conversation(gateway, mock, session_id)
     after = gateway.counters()
     assert after["capture.completed"] - before.get("capture.completed", 0) == 3
+
+    def grew(name: str) -> int:
+        return after.get(name, 0) - before.get(name, 0)
+
+    # Every capture of a turn this process rewrote was consumed synchronously by the transport.
+    assert grew("server.capture.observer") == 3
+    assert grew("server.capture.handler") == 0
 
 
 def test_an_unknown_transport_is_a_config_error() -> None:
