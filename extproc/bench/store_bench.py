@@ -784,11 +784,16 @@ class _Bench:
             async def read(i: int) -> object:
                 return await store.history(self._key_of(i))
 
-            # Hot hit with Redis configured: one HGET of the version, then the hot copy.
+            # Hot hit with Redis configured, read as rewrite reads it: the pending-marker check
+            # and the version check in one round trip, then the hot copy.
+            async def read_as_rewrite(i: int) -> object:
+                waited, turns = await store.history_after_pending(self._key_of(i), 1.0)
+                return turns if waited else None
+
             for key in self.read_keys:
                 _expect(len(await store.history(key)) == HISTORY_TURNS, "tiered read is short")
             stats = store.stats
-            samples = await _time_calls(read, n, w)
+            samples = await _time_calls(read_as_rewrite, n, w)
             after = store.stats
             _expect(
                 after["warm_hits"] == stats["warm_hits"]
@@ -799,10 +804,11 @@ class _Bench:
             self.add(
                 _row(
                     "history.hot.redis",
-                    "history: hot hit, redis configured (1 HGET)",
+                    "history: hot hit, redis configured (1 round trip)",
                     samples,
-                    p99_target_us=HOT_TARGET_US,
-                    note="the version check that keeps replicas coherent: one Redis round trip",
+                    note="rewrite's read: pending markers + version in one Redis call (the "
+                    "read-your-writes check it needs anyway), then the hot copy; no target: "
+                    "the hot-hit target is the hot tier's own (row above)",
                 ),
                 "baseline.redis_ping",
             )
