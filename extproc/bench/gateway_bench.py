@@ -8,7 +8,7 @@ Three kinds of process run on this machine, started (and always stopped) by the 
   `extproc.bench.sse_server` (raw asyncio protocol, uvloop) streaming a 200-event
   `chat.completion.chunk` reply plus `data: [DONE]`, one event every `--sse-delay-ms`;
 - **sessiongate**: `sessiongate up` exactly as a user runs it (a subprocess: ext_proc server +
-  its supervised Envoy), TLS on unless `--no-tls`;
+  its supervised Envoy), TLS on unless `--no-tls`; one per store configuration (below);
 - **baseline**: plain Envoy with sessiongate's own bootstrap (read back from the `envoy.yaml`
   that `up` wrote) minus the two ext_proc filters, their per-route configs and the ext_proc
   cluster: same listener, TLS certificate, routes, timeouts, buffer limits, upstream cluster and
@@ -23,28 +23,54 @@ stream, per request). Both targets get the same requests, in alternating order p
 after a warm-up run. One more row sends no credential: sessiongate passes every request
 through, but both filters still open their gRPC streams (the ext_proc floor).
 
-Sessions: "0 stored messages" rows use a new session id per request (a conversation's first
-turn, which in sessiongate is a cold-tier miss). "50 stored messages" rows rotate over a pool
-of hot sessions: a template session filled with 24 turns through the gateway, then forked
-(`x-session-op: fork:...`) into the pool, the fork request adding the 25th turn; every request
-then stores one more turn, so the pool is sized from the measured new-session rate to keep the
-growth small, and the mean history actually served is reported per row. Each run continues
-the rotation where the previous one stopped and passes over the sessions of the requests wrk
-cut off when it stopped: sessiongate keeps such a turn pending (no reply ever reaches capture)
-and would hold the session's next request for `pending_wait_ms`.
+Sessions: "new session" rows use a new session id per request (a conversation's first turn,
+which in sessiongate is a cold-tier miss). The other rows rotate over a pool of sessions with
+N stored messages. 50 and 500 messages: a template session filled with N/2 - 1 turns through
+the gateway, then forked (`x-session-op: fork:...`) into the pool, the fork request adding the
+last turn. 10,000 messages, and the warm and cold pools: written straight into the store before
+that gateway starts (`extproc.bench.seed`), then, for 10,000, read once through the gateway so
+that they are hot. Every request stores one more turn, so a pool is sized from the measured
+rate to keep the growth small (at most 5 turns or 10% per session), and the mean history
+served, and the part of it actually injected (sessiongate trims the oldest turns beyond
+`upstream_body_limit`, 32 MiB by default: a 10,000-message session is ~3 MB), are reported per
+row. Each run continues the rotation where the previous one stopped and passes over the
+sessions of the requests wrk cut off when it stopped: sessiongate keeps such a turn pending (no
+reply ever reaches capture) and would hold the session's next request for `pending_wait_ms`.
+
+Store tiers: "hot" rows run against a default `sessiongate up` (memory + SQLite). "warm" rows
+against one with Redis (`--redis-url`, a prefix of its own, removed afterwards) and a hot tier
+too small to hold any session (`--hot-max-bytes 4096`): every read is a Redis snapshot. "cold"
+rows against one without Redis and the same tiny hot tier: every read loads the session from
+SQLite. sessiongate's counters say where each read came from (`store.hot_hits`,
+`store.warm_hits`, `store.promotions` per request); a row whose reads were not what it is
+named after says so.
 
 Per configuration and target: requests/s, latency p50/p99/p99.9 (SSE: time to first event),
 CPU seconds of Envoy and of the sessiongate process (utime+stime from /proc/<pid>/stat over the
 load window) -> CPU per request, the provider's and the load generator's CPU, the machine's
 busy share, and ratios to the baseline of the same row. sessiongate's own counters are read
 before and after each window: every request of a sessiongate row must have been rewritten and
-captured (a row where they were not says so).
+captured (a row where they were not says so). Streaming rows add the mean gap between events
+(with and without sessiongate) and capture CPU per chunk: sessiongate's CPU per streamed
+request minus its CPU per non-streamed request at the same concurrency and session size, over
+the chunks per reply, both net of the process's idle CPU (measured per gateway, from
+/proc/<pid>/task/*/schedstat, before its rows).
 
-Targets (issue 4): requests/s with sessiongate >= 50% of plain Envoy's (50-message hot
-sessions, saturating load); added latency at concurrency 1: p50 < 1 ms, p99 < 3 ms; streaming
-added first-token delay p50 < 2 ms; sessiongate CPU per non-streaming request <= plain Envoy's
-CPU per request. A missed target prints MISS; the run still succeeds. Exit status 1 only when a
-measurement could not run.
+Memory: a fresh `sessiongate up` gets `--memory-sessions` (100,000) first turns, each a new
+session, over keep-alive connections from 16 concurrent clients; once every turn is captured,
+VmRSS from /proc/<pid>/status against the figure at start, per session.
+
+`--plots DIR`: PNG plots (`extproc.bench.plots`, needs matplotlib). `--litellm`: LiteLLM's
+proxy (pinned, in a virtual environment of its own: `extproc.bench.litellm_compare`) against
+the same provider, with the same certificate and wrk load, next to plain Envoy.
+
+Targets (issue 4, `extproc.bench.report.judge`): requests/s with sessiongate >= 50% of plain
+Envoy's (50-message hot sessions, saturating load); added latency at concurrency 1: p50 < 1
+ms, p99 < 3 ms; with 10,000 stored messages, added p50 within 2x of the 50-message case;
+streaming added first-token delay p50 < 2 ms; inter-token delay indistinguishable (added mean
+event gap < 5% of plain Envoy's); capture CPU <= 15 µs per chunk; sessiongate CPU per
+non-streaming request <= plain Envoy's CPU per request. A missed target prints MISS; the run
+still succeeds. Exit status 1 only when a measurement could not run.
 
 On a small machine every process shares the same cores (the load generator included): the
 machine's busy share is printed per row so a saturated run reads as what it is, and a window
@@ -63,7 +89,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import signal
 import ssl
@@ -82,17 +107,52 @@ import orjson
 import uvloop
 import yaml
 
+from extproc.bench import litellm_compare, plots
+from extproc.bench.http_client import Client, Connection, Reply, RequestError, request
+from extproc.bench.procstat import (
+    CLK_TCK,
+    child_pids,
+    children_cpu_s,
+    machine_cpu,
+    process_cpu_precise_s,
+    process_cpu_s,
+    rss_bytes,
+    self_cpu_s,
+    thread_cpu_s,
+)
+from extproc.bench.profiling import summarize_collapsed
+from extproc.bench.report import (
+    Comparison,
+    Measurement,
+    MemoryResult,
+    ProxyComparison,
+    Table,
+    Target,
+    derive_stream_costs,
+    judge,
+    print_memory,
+    print_notes,
+    print_profile,
+    print_proxies,
+    print_targets,
+)
+from extproc.bench.seed import TurnText, seed_sessions
 from extproc.bench.sse_server import DEFAULT_CHUNKS
 from extproc.envoy_config import CAPTURE_FILTER, EXT_PROC_CLUSTER, REWRITE_FILTER
 from extproc.supervisor import envoy_binary
 
 __all__ = [
+    "QUICK_ROW_IDS",
     "ROW_IDS",
     "BenchError",
     "Comparison",
     "Measurement",
+    "MemoryResult",
+    "Target",
     "add_arguments",
     "baseline_bootstrap",
+    "judge",
+    "pool_size",
     "provider_bootstrap",
     "run",
     "wrk_script",
@@ -100,26 +160,37 @@ __all__ = [
 
 # --- what is measured ---------------------------------------------------------------------
 
-HISTORY_MESSAGES: Final = 50  # "hot" rows: stored user + assistant messages per session
+HISTORY_MESSAGES: Final = 50  # the reference session size: stored user + assistant messages
+BIG_HISTORY: Final = 10_000
+SEEDED_HISTORY: Final = 2_000  # pools of sessions this big or bigger are written, not forked
 SATURATING_CONNECTIONS: Final = 32
 SATURATING_THREADS: Final = 2
+# With 10,000 stored messages a request moves ~3 MB through sessiongate and both Envoys: 8
+# connections already saturate the machine, and each needs a big session of its own.
+BIG_SATURATING_CONNECTIONS: Final = 8
 STREAM_CONCURRENCY: Final = 16
+LOAD_CONCURRENCIES: Final = (1, 4, 16, 32, 64)  # the latency-against-load plot
 DEFAULT_SSE_DELAY_MS: Final = 1.0
 FULL_DURATION_S: Final = 10.0
 FULL_WARMUP_S: Final = 2.0
-QUICK_DURATION_S: Final = 2.0
+QUICK_DURATION_S: Final = 1.0
 QUICK_WARMUP_S: Final = 0.0
-MAX_GROWTH_TURNS: Final = 5  # hot pool: at most this many turns added per session (estimate)
+MAX_GROWTH_TURNS: Final = 5  # a pool: at most this many turns (or 10%) added per session
 MIN_POOL: Final = 160  # the skipped sessions (<= connections per run) must stay a minority
+MIN_SEEDED_POOL: Final = 8
 MAX_POOL: Final = 20_000
 QUICK_MAX_POOL: Final = 400
 PREP_CONNECTIONS: Final = 8
 OTHER_CPU_NOTE: Final = 0.15  # CPUs used by unrelated processes that earn a row a note
-
-RPS_RATIO_TARGET: Final = 0.5
-ADDED_P50_TARGET_US: Final = 1000.0
-ADDED_P99_TARGET_US: Final = 3000.0
-STREAM_TTFB_TARGET_US: Final = 2000.0
+READ_SHARE: Final = 0.98  # a tier's row: at least this share of reads from that tier
+TINY_HOT_BYTES: Final = 4096  # warm/cold gateways: a hot tier that holds no session
+DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
+MEMORY_SESSIONS: Final = 100_000
+QUICK_MEMORY_SESSIONS: Final = 500
+MEMORY_CONNECTIONS: Final = 16
+IDLE_WINDOW_S: Final = 2.0
+QUICK_IDLE_WINDOW_S: Final = 0.5
+LITELLM_CONCURRENCIES: Final = (1, SATURATING_CONNECTIONS)
 
 CHAT_PATH: Final = "/v1/chat/completions"
 API_KEY: Final = "sk-bench-gateway-0001"
@@ -131,7 +202,9 @@ SSE_DELAY_HEADER: Final = "x-sse-delay-ms"
 @dataclass(frozen=True, slots=True)
 class RowSpec:
     """One configuration, run against both targets. `identity=False`: no credential, so
-    sessiongate passes the request through (both filters still open their streams)."""
+    sessiongate passes the request through (both filters still open their streams). `tier`:
+    the sessiongate (store configuration) it runs against; `group`: rows of one group share
+    a session pool (rows of other groups get pools of their own)."""
 
     id: str
     kind: str  # json | sse
@@ -139,6 +212,8 @@ class RowSpec:
     threads: int
     history: int  # stored messages per session (0: a new session per request)
     identity: bool = True
+    tier: str = "hot"  # hot | warm | cold
+    group: str = ""
 
     @property
     def label(self) -> str:
@@ -148,21 +223,64 @@ class RowSpec:
         elif self.history == 0:
             what = "new session"
         else:
-            what = f"{self.history} msgs hot"
+            what = f"{self.history} msgs {self.tier}"
         return f"{'JSON' if self.kind == 'json' else 'SSE'} c={self.connections}{threads}, {what}"
 
+    @property
+    def pool_key(self) -> tuple[str, int, str, str]:
+        return (self.kind, self.history, self.tier, self.group)
 
-# Every row the benchmark reports, in order.
+    @property
+    def gateway(self) -> str:
+        """The sessiongate (store and context configuration) this row runs against."""
+        return "big" if self.tier == "hot" and self.history >= SEEDED_HISTORY else self.tier
+
+
+def _json(connections: int, history: int, **options: Any) -> RowSpec:
+    threads = 1 if connections == 1 else SATURATING_THREADS
+    tier = options.get("tier", "hot")
+    suffix = "" if tier == "hot" else f".{tier}"
+    noid = "" if options.get("identity", True) else ".noid"
+    row_id = f"json.c{connections}{'.h' + str(history) if not noid else ''}{noid}{suffix}"
+    return RowSpec(row_id, "json", connections, threads, history, **options)
+
+
+_SAT, _BIG_SAT = SATURATING_CONNECTIONS, BIG_SATURATING_CONNECTIONS
+
+# Every row the benchmark reports, in order (one sessiongate per tier, in this order).
 ROWS: Final = (
-    RowSpec("json.c1.h0", "json", 1, 1, 0),
-    RowSpec("json.c32.h0", "json", SATURATING_CONNECTIONS, SATURATING_THREADS, 0),
-    RowSpec("json.c32.noid", "json", SATURATING_CONNECTIONS, SATURATING_THREADS, 0, identity=False),
-    RowSpec("json.c1.h50", "json", 1, 1, HISTORY_MESSAGES),
-    RowSpec("json.c32.h50", "json", SATURATING_CONNECTIONS, SATURATING_THREADS, HISTORY_MESSAGES),
+    _json(1, 0),
+    _json(_SAT, 0),
+    _json(_SAT, 0, identity=False),
+    _json(1, HISTORY_MESSAGES),
+    _json(_SAT, HISTORY_MESSAGES),
+    *(_json(c, HISTORY_MESSAGES, group="load") for c in LOAD_CONCURRENCIES if c not in (1, _SAT)),
+    _json(1, 500),
+    _json(_SAT, 500),
+    _json(1, BIG_HISTORY),
+    _json(_BIG_SAT, BIG_HISTORY),
+    _json(1, HISTORY_MESSAGES, tier="warm"),
+    _json(_SAT, HISTORY_MESSAGES, tier="warm"),
+    _json(1, HISTORY_MESSAGES, tier="cold"),
+    _json(_SAT, HISTORY_MESSAGES, tier="cold"),
     RowSpec("sse.c1.h50", "sse", 1, 1, HISTORY_MESSAGES),
     RowSpec("sse.c16.h50", "sse", STREAM_CONCURRENCY, 1, HISTORY_MESSAGES),
 )
 ROW_IDS: Final = tuple(row.id for row in ROWS)
+# --quick: one row per code path (the load sweep keeps c=16, which the capture cost needs).
+QUICK_ROW_IDS: Final = tuple(
+    row_id
+    for row_id in ROW_IDS
+    if row_id
+    not in {
+        "json.c4.h50",
+        "json.c64.h50",
+        "json.c32.h500",
+        f"json.c{_BIG_SAT}.h{BIG_HISTORY}",
+        "json.c32.h50.warm",
+        "json.c32.h50.cold",
+    }
+)
 
 _SYSTEM_PROMPT: Final = (
     "You are a concise, friendly assistant for an online bookshop. Answer questions about "
@@ -177,64 +295,11 @@ _ANSWER: Final = (
     "The carrier normally delivers within two more working days; if it has not arrived by "
     "then, reply here and we will send a replacement or refund you, whichever you prefer."
 )
+TURN_TEXT: Final = TurnText(_SYSTEM_PROMPT, _QUESTION, _ANSWER, MODEL)
 
 
 class BenchError(Exception):
     """A measurement could not run, or did not do what it is named after."""
-
-
-# --- results ------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Measurement:
-    """One target (baseline or sessiongate) under one row's load. Latencies in µs; for
-    streaming rows `latency_us` is the time to the first SSE event."""
-
-    target: str
-    requests: int
-    errors: int
-    duration_s: float
-    rps: float
-    latency_us: dict[str, float]
-    cpu_s: dict[str, float]  # envoy, sessiongate, provider, client, machine_busy_share
-    cpu_us_per_request: dict[str, float]  # envoy, sessiongate, provider
-    upstream_request_bytes: float  # mean bytes Envoy sent the provider per request
-    stream_us: dict[str, float] = field(default_factory=dict)  # SSE: whole stream, gaps
-    counters: dict[str, int] = field(default_factory=dict)  # sessiongate's, deltas
-    history_messages_mean: float = 0.0  # stored messages served per request (sessiongate)
-    note: str = ""
-
-
-@dataclass(slots=True)
-class Comparison:
-    """One row: the same load against both targets, and sessiongate relative to baseline."""
-
-    id: str
-    label: str
-    kind: str  # json | sse
-    concurrency: int
-    threads: int
-    history_messages: int
-    identity: bool
-    order: list[str]
-    baseline: Measurement
-    sessiongate: Measurement
-    rps_ratio: float
-    added_us: dict[str, float]  # p50, p99, p99.9 (latency or time to first event)
-    cpu_per_request_ratio: float  # sessiongate process CPU/req / baseline Envoy CPU/req
-    envoy_cpu_per_request_ratio: float  # Envoy CPU/req with sessiongate / without
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Target:
-    name: str
-    row: str
-    value: float
-    threshold: float
-    unit: str
-    status: str  # PASS | MISS
 
 
 # --- options ------------------------------------------------------------------------------
@@ -252,6 +317,15 @@ class Options:
     json_path: Path | None
     profile_dir: Path | None
     keep_dir: Path | None
+    plots_dir: Path | None = None
+    redis_url: str = DEFAULT_REDIS_URL
+    memory_sessions: int = MEMORY_SESSIONS
+    litellm: bool = False
+    litellm_version: str = litellm_compare.LITELLM_VERSION
+    rows: tuple[str, ...] = ROW_IDS
+
+    def specs(self) -> list[RowSpec]:
+        return [spec for spec in ROWS if spec.id in self.rows]
 
 
 def _positive_float(text: str) -> float:
@@ -268,11 +342,28 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
 def _pool_size(text: str) -> int:
     value = int(text)
     if value < SATURATING_CONNECTIONS:
         raise argparse.ArgumentTypeError(f"at least {SATURATING_CONNECTIONS}")
     return value
+
+
+def _row_list(text: str) -> tuple[str, ...]:
+    wanted = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [row_id for row_id in wanted if row_id not in ROW_IDS]
+    if unknown or not wanted:
+        raise argparse.ArgumentTypeError(
+            f"unknown row {', '.join(unknown) or '(none)'}; rows: {', '.join(ROW_IDS)}"
+        )
+    return wanted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,11 +405,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pool-sessions",
         type=_pool_size,
         default=None,
-        help="hot sessions per pool (default: sized from the measured rate so that each "
-        f"grows by at most ~{MAX_GROWTH_TURNS} turns)",
+        help="sessions per forked pool (default: sized from the measured rate so that each "
+        f"grows by at most ~{MAX_GROWTH_TURNS} turns or 10%%)",
+    )
+    add(
+        "--rows",
+        type=_row_list,
+        default=None,
+        help="only these rows, comma-separated (default: all; --quick: one per code path): "
+        + ", ".join(ROW_IDS),
+    )
+    add(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help=f"Redis for the warm rows, under a key prefix of the run's own that is removed "
+        f"afterwards (default {DEFAULT_REDIS_URL}; 'none' skips the warm rows)",
+    )
+    add(
+        "--memory-sessions",
+        type=_non_negative_int,
+        default=None,
+        help=f"idle sessions for the memory figure (default {MEMORY_SESSIONS:,}, "
+        f"{QUICK_MEMORY_SESSIONS} with --quick; 0 skips it)",
     )
     add("--quick", action="store_true", help="short runs (a smoke test, not a measurement)")
     add("--json", dest="json_path", type=Path, default=None, help="also write the results here")
+    add(
+        "--plots",
+        dest="plots_dir",
+        type=Path,
+        default=None,
+        help=f"write PNG plots here ({plots.LOAD_FILE}, {plots.SIZE_FILE}; needs matplotlib)",
+    )
+    add(
+        "--litellm",
+        action="store_true",
+        help="also measure LiteLLM's proxy in front of the same provider (installs "
+        f"litellm[proxy]=={litellm_compare.LITELLM_VERSION} into a virtual environment in "
+        "sessiongate's cache directory on first use)",
+    )
     add(
         "--profile",
         dest="profile_dir",
@@ -339,6 +464,9 @@ def _options(args: argparse.Namespace) -> Options:
     quick = bool(args.quick)
     if args.sse_chunks < 2:
         raise BenchError("--sse-chunks: at least 2")
+    redis_url = str(args.redis_url or "")
+    memory = args.memory_sessions
+    rows = args.rows or (QUICK_ROW_IDS if quick else ROW_IDS)
     return Options(
         duration_s=args.duration or (QUICK_DURATION_S if quick else FULL_DURATION_S),
         warmup_s=(
@@ -352,6 +480,13 @@ def _options(args: argparse.Namespace) -> Options:
         json_path=args.json_path,
         profile_dir=args.profile_dir,
         keep_dir=args.keep_dir,
+        plots_dir=args.plots_dir,
+        redis_url="" if redis_url.lower() in ("", "none") else redis_url,
+        memory_sessions=(
+            memory if memory is not None else QUICK_MEMORY_SESSIONS if quick else MEMORY_SESSIONS
+        ),
+        litellm=bool(args.litellm),
+        rows=tuple(rows),
     )
 
 
@@ -644,58 +779,6 @@ def ensure_wrk() -> str:
     )
 
 
-# --- CPU accounting -------------------------------------------------------------------------
-
-_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of a live process (all its threads), in seconds."""
-    return process_cpu_s_of(Path(f"/proc/{pid}/stat"))
-
-
-def process_cpu_s_of(stat: Path) -> float:
-    """utime + stime from a /proc/.../stat file, in seconds."""
-    text = stat.read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def machine_cpu() -> dict[str, int]:
-    """Jiffies of the whole machine from /proc/stat: `total`, `busy` (all but idle and
-    iowait), and the parts of busy no process is charged for: `irq` (hard and soft
-    interrupts: loopback networking runs largely here) and `steal` (the hypervisor)."""
-    with open("/proc/stat") as stat:
-        values = [int(v) for v in stat.readline().split()[1:]] + [0] * 8
-    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
-    total = user + nice + system + idle + iowait + irq + softirq + steal
-    return {
-        "total": total,
-        "busy": total - idle - iowait,
-        "irq": irq + softirq,
-        "steal": steal,
-    }
-
-
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def self_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def child_pids(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                out += [int(p) for p in (task / "children").read_text().split()]
-    return out
-
-
 # --- processes ----------------------------------------------------------------------------
 
 
@@ -744,7 +827,12 @@ class Processes:
         self.children: list[Child] = []
 
     async def spawn(
-        self, name: str, argv: Sequence[str], log_path: Path, stdout_path: Path | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        stdout_path: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> Child:
         log, out = await asyncio.to_thread(_open_outputs, log_path, stdout_path)
         try:
@@ -757,6 +845,7 @@ class Processes:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=log,
+                env=env,
             )
         finally:
             log.close()
@@ -888,7 +977,10 @@ class Gateway:
         return config
 
 
-async def start_gateway(procs: Processes, upstream: str, directory: Path, tls: bool) -> Gateway:
+async def start_gateway(
+    procs: Processes, upstream: str, directory: Path, tls: bool, extra: Sequence[str] = ()
+) -> Gateway:
+    """`sessiongate up` with its defaults (plus `extra` flags), state in `directory`."""
     stdout_path = directory / "up.stdout"
     log_path = directory / "up.log"
     argv = [
@@ -907,6 +999,7 @@ async def start_gateway(procs: Processes, upstream: str, directory: Path, tls: b
         "--log-level",
         "warning",
         *([] if tls else ["--no-tls"]),
+        *extra,
     ]
     child = await procs.spawn("sessiongate up", argv, log_path, stdout_path)
     ready = await _wait_for_line(child, stdout_path, "ready ")
@@ -920,183 +1013,6 @@ async def start_gateway(procs: Processes, upstream: str, directory: Path, tls: b
         raise BenchError(f"expected one Envoy child of sessiongate up, found {envoys}")
     admin = "http://" + (await asyncio.to_thread(_read, directory / "envoy-admin-address")).strip()
     return Gateway(child, url, directory, envoys[0], admin, found.group(1) + "/stats")
-
-
-# --- a small HTTP/1.1 client (prep requests and the streaming rows) -------------------------
-
-
-@dataclass(slots=True)
-class Reply:
-    status: int
-    body: bytes
-    start_ns: int
-    first_byte_ns: int  # first body byte (streaming: the first SSE event)
-    end_ns: int
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection; one request at a time."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.waiter: asyncio.Future[Reply] | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._reset()
-
-    def _reset(self) -> None:
-        self.head_done = False
-        self.status = 0
-        self.length = -1
-        self.chunked = False
-        self.position = 0
-        self.body = bytearray()
-        self.start_ns = 0
-        self.first_ns = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(BenchError(f"connection lost: {exc}"))
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def send(self, request: bytes) -> asyncio.Future[Reply]:
-        if self.transport is None:
-            raise BenchError("connection closed")
-        self._reset()
-        self.buffer.clear()
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.start_ns = time.perf_counter_ns()
-        self.transport.write(request)
-        return self.waiter
-
-    def data_received(self, data: bytes) -> None:
-        now = time.perf_counter_ns()
-        self.buffer += data
-        try:
-            self._parse(now)
-        except (ValueError, IndexError) as exc:
-            if self.waiter is not None and not self.waiter.done():
-                self.waiter.set_exception(BenchError(f"bad response: {exc}"))
-            if self.transport is not None:
-                self.transport.close()
-
-    def _parse(self, now: int) -> None:
-        buffer = self.buffer
-        if not self.head_done:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = bytes(buffer[:end]).split(b"\r\n")
-            self.status = int(lines[0].split(b" ", 2)[1])
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    self.length = int(value)
-                elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                    self.chunked = True
-            self.head_done = True
-            self.position = end + 4
-        if self.chunked:
-            while True:
-                line_end = buffer.find(b"\r\n", self.position)
-                if line_end < 0:
-                    return
-                size = int(bytes(buffer[self.position : line_end]).split(b";", 1)[0], 16)
-                if size == 0:
-                    if len(buffer) < line_end + 4:
-                        return
-                    self._finish(now)
-                    return
-                start = line_end + 2
-                if len(buffer) < start + size + 2:
-                    return
-                if not self.first_ns:
-                    self.first_ns = now
-                self.body += buffer[start : start + size]
-                self.position = start + size + 2
-        else:
-            have = len(buffer) - self.position
-            if have > 0 and not self.first_ns:
-                self.first_ns = now
-            if self.length < 0:
-                if self.status in (204, 304):
-                    self._finish(now)
-                return  # read-until-close is not used by Envoy for these replies
-            if have >= self.length:
-                self.body += buffer[self.position : self.position + self.length]
-                self._finish(now)
-
-    def _finish(self, now: int) -> None:
-        waiter, self.waiter = self.waiter, None
-        reply = Reply(self.status, bytes(self.body), self.start_ns, self.first_ns or now, now)
-        self.buffer.clear()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(reply)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-class Client:
-    """Requests to one gateway listener over its own keep-alive connections."""
-
-    def __init__(self, port: int, ssl_context: ssl.SSLContext | None) -> None:
-        self.port = port
-        self.ssl_context = ssl_context
-        self.connections: list[_Connection] = []
-
-    async def connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(
-            _Connection,
-            "127.0.0.1",
-            self.port,
-            ssl=self.ssl_context,
-            server_hostname="127.0.0.1" if self.ssl_context is not None else None,
-        )
-        self.connections.append(protocol)
-        return protocol
-
-    def request_bytes(
-        self, body: bytes, session: str, extra: dict[str, str] | None = None
-    ) -> bytes:
-        headers = {
-            "host": f"127.0.0.1:{self.port}",
-            "content-type": "application/json",
-            "authorization": f"Bearer {API_KEY}",
-            "x-session-id": session,
-            **(extra or {}),
-            "content-length": str(len(body)),
-        }
-        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        return f"POST {CHAT_PATH} HTTP/1.1\r\n{head}\r\n".encode() + body
-
-    async def close(self) -> None:
-        for connection in self.connections:
-            connection.close()
-        for connection in self.connections:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(connection.closed), 2)
-        self.connections.clear()
-
-
-async def _request(
-    connection: _Connection, request: bytes, what: str, timeout_s: float = 30.0
-) -> Reply:
-    try:
-        reply = await asyncio.wait_for(connection.send(request), timeout_s)
-    except TimeoutError:
-        raise BenchError(f"{what}: no reply in {timeout_s:g} s") from None
-    if reply.status != 200:
-        raise BenchError(f"{what}: HTTP {reply.status}: {reply.body[:300]!r}")
-    return reply
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -1125,14 +1041,112 @@ def _summary_us(samples_ns: Sequence[int]) -> dict[str, float]:
 
 @dataclass
 class Side:
-    """One target: where to send load and which processes to account."""
+    """One target: where to send load and which processes to account. For a proxy that is
+    not an Envoy (LiteLLM), `envoy_pid` is that proxy's process and `envoy_admin` is empty."""
 
-    name: str  # baseline | sessiongate
+    name: str  # baseline | sessiongate | litellm
     port: int
     envoy_pid: int
     envoy_admin: str
     sessiongate_pid: int | None = None
     metrics_url: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    idle_cpu_per_s: dict[str, float] = field(default_factory=dict)
+
+
+def _client(side: Side) -> Client:
+    return Client(side.port, side.ssl_context, api_key=API_KEY, path=CHAT_PATH)
+
+
+# --- session pools --------------------------------------------------------------------------
+
+
+@dataclass
+class Pool:
+    """Sessions of one size that a group of rows rotates over (`<prefix><index>`)."""
+
+    label: str
+    prefix: str
+    size: int
+    history: int  # stored messages per session when the pool was made
+    how: str  # forked | seeded
+    turns_added: int = 0  # turns sessiongate stored into the pool since
+    # Where the next run starts in the pool, and the sessions it must pass over: those that
+    # requests wrk aborted at the end of an earlier run may have left with a pending turn
+    # (sessiongate would hold their next request for pending_wait_ms).
+    offset: int = 0
+    skip: set[int] = field(default_factory=set)
+    touched: bool = False  # seeded pools of the hot rows: read once through the gateway
+
+    @property
+    def messages(self) -> float:
+        """Mean stored messages per session now (2 per turn)."""
+        return self.history + 2 * self.turns_added / self.size if self.size else 0.0
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "size": self.size,
+            "prefix": self.prefix,
+            "history_messages": self.history,
+            "how": self.how,
+            "turns_added": self.turns_added,
+            "skipped_sessions": len(self.skip),
+            "mean_messages_at_end": round(self.messages, 1),
+        }
+
+
+def growth_turns(history: int) -> int:
+    """Turns a pool session may gain over its rows: 5, or 10% of its messages."""
+    return max(MAX_GROWTH_TURNS, history // 20)
+
+
+def skip_budget(connections: Sequence[int], warmup: bool) -> int:
+    """Pool sessions that sessiongate runs may leave pending (one per connection per run)."""
+    return sum(c * (2 if warmup else 1) for c in connections)
+
+
+def pool_size(
+    expected_requests: float,
+    history: int,
+    budget: int,
+    *,
+    minimum: int = MIN_POOL,
+    ceiling: int = MAX_POOL,
+) -> int:
+    """Sessions for a pool: enough that each grows by at most `growth_turns`, within
+    [minimum, ceiling], and always more than twice the sessions runs may skip (`budget`).
+    Even, so that two wrk threads take disjoint residues."""
+    size = math.ceil(expected_requests / growth_turns(history)) if expected_requests > 0 else 0
+    size = max(minimum, 2 * budget + 4, min(ceiling, size))
+    return size + size % SATURATING_THREADS
+
+
+def reads_per_request(deltas: dict[str, int], requests: int) -> dict[str, float]:
+    """Where sessiongate's history reads came from, per request, by its store counters: a hot
+    hit, a warm hit (Redis snapshot) or a cold load (SQLite; on a gateway whose hot tier holds
+    nothing the writer loads the session once more per turn, for its next seq)."""
+    if requests <= 0:
+        return {}
+    return {
+        "hot": deltas.get("store.hot_hits", 0) / requests,
+        "warm": deltas.get("store.warm_hits", 0) / requests,
+        "cold": deltas.get("store.promotions", 0) / requests,
+    }
+
+
+def tier_note(tier: str, reads: dict[str, float]) -> str:
+    """'' when the reads came from the tier the row is named after, else what happened."""
+    if not reads:
+        return ""
+    if reads.get(tier, 0.0) < READ_SHARE:
+        return f"only {reads.get(tier, 0.0):.0%} of reads were {tier} hits"
+    others = [t for t in ("hot", "warm") if t != tier and reads.get(t, 0.0) > 1 - READ_SHARE]
+    if tier == "hot" and reads.get("cold", 0.0) > 1 - READ_SHARE:
+        others.append("cold")
+    if others:
+        return "reads also from the " + " and ".join(others) + " tier"
+    return ""
 
 
 class _Bench:
@@ -1146,19 +1160,18 @@ class _Bench:
         self.run_tag = uuid.uuid4().hex[:8]
         self.sequence = 0
         self.provider_pid = 0
-        self.ssl_context: ssl.SSLContext | None = None
-        self.pool_size = 0
-        self.pool_prefix = ""
-        self.pool_turns_added = 0  # turns sessiongate stored into the current pool so far
-        # Where the next wrk run starts in the pool, and the sessions it must pass over: those
-        # that requests wrk aborted at the end of an earlier run may have left with a pending
-        # turn (sessiongate would hold their next request for pending_wait_ms).
-        self.pool_offset = 0
-        self.pool_skip: set[int] = set()
-        self.pools: list[dict[str, Any]] = []  # one per pool, for the JSON
+        self.pool: Pool | None = None
+        self.pools: dict[tuple[str, int, str, str], Pool] = {}
+        self.pool_records: list[dict[str, Any]] = []  # one per pool, for the JSON
+        self.rates: dict[int, float] = {}  # sessiongate req/s by connections (hot JSON rows)
         self.machine_extra: dict[str, Any] = {}
-        self.printed_header = False
+        self.table = Table()
         self.http: aiohttp.ClientSession | None = None
+        self.memory: MemoryResult | None = None
+        self.proxies: list[ProxyComparison] = []
+        self.notes: list[str] = []
+        self.redis_prefixes: list[str] = []
+        self.profile: dict[str, Any] | None = None
 
     # --- counters and stats ---
 
@@ -1171,6 +1184,8 @@ class _Bench:
         return data
 
     async def upstream_tx_bytes(self, side: Side) -> int:
+        if not side.envoy_admin:
+            return 0
         assert self.http is not None
         params = {"filter": r"^cluster\.llm_upstream\.upstream_cx_tx_bytes_total$"}
         async with self.http.get(f"{side.envoy_admin}/stats", params=params) as resp:
@@ -1194,6 +1209,25 @@ class _Bench:
         if side.sessiongate_pid is not None:
             snapshot["sessiongate"] = process_cpu_s(side.sessiongate_pid)
         return snapshot
+
+    async def measure_idle(self, sides: Sequence[Side]) -> None:
+        """CPU per second each side's processes use with no traffic (schedstat, ns)."""
+        window = QUICK_IDLE_WINDOW_S if self.options.quick else IDLE_WINDOW_S
+
+        def sample() -> dict[tuple[int, str], float]:
+            out: dict[tuple[int, str], float] = {}
+            for index, side in enumerate(sides):
+                out[(index, "envoy")] = process_cpu_precise_s(side.envoy_pid)
+                if side.sessiongate_pid is not None:
+                    out[(index, "sessiongate")] = process_cpu_precise_s(side.sessiongate_pid)
+            return out
+
+        await asyncio.sleep(0.2)  # the sanity requests' captures and commits
+        before, started = sample(), time.monotonic()
+        await asyncio.sleep(window)
+        after, wall = sample(), time.monotonic() - started
+        for (index, name), value in after.items():
+            sides[index].idle_cpu_per_s[name] = max(0.0, value - before[(index, name)]) / wall
 
     # --- one measured window ---
 
@@ -1227,14 +1261,14 @@ class _Bench:
         total = after["machine_total"] - before["machine_total"]
         busy = after["machine_busy"] - before["machine_busy"]
         cpu["machine_busy_share"] = busy / total if total else 0.0
-        cpu["kernel_irq"] = (after["machine_irq"] - before["machine_irq"]) / _CLK_TCK
-        cpu["steal"] = (after["machine_steal"] - before["machine_steal"]) / _CLK_TCK
+        cpu["kernel_irq"] = (after["machine_irq"] - before["machine_irq"]) / CLK_TCK
+        cpu["steal"] = (after["machine_steal"] - before["machine_steal"]) / CLK_TCK
         # Whatever else ran on the machine meanwhile (other processes' interference).
         known = sum(
             cpu.get(k, 0.0)
             for k in ("envoy", "provider", "client", "sessiongate", "kernel_irq", "steal")
         )
-        cpu["other"] = max(0.0, busy / _CLK_TCK - known - (harness if client_is_child else 0.0))
+        cpu["other"] = max(0.0, busy / CLK_TCK - known - (harness if client_is_child else 0.0))
         deltas = {
             name: value - counters_before.get(name, 0)
             for name, value in counters_after.items()
@@ -1270,6 +1304,8 @@ class _Bench:
             notes.append(
                 f"other processes used {cpu['other'] / cpu['wall']:.2f} CPUs during this window"
             )
+        reads: dict[str, float] = {}
+        injected_mean = 0.0
         if side.sessiongate_pid is not None:
             # The window may also catch (or miss) the odd request of the next/previous one.
             if spec.identity:
@@ -1283,6 +1319,20 @@ class _Bench:
                 passed = deltas.get("rewrite.pass_through.no_identity", 0)
                 if passed < 0.98 * requests:
                     notes.append(f"only {passed} of {requests} passed through for no identity")
+            if spec.identity and spec.history:
+                reads = reads_per_request(deltas, requests)
+                note = tier_note(spec.tier, reads)
+                if note:
+                    notes.append(note)
+                dropped = sum(
+                    v for k, v in deltas.items() if k.startswith("context.dropped_turns.")
+                ) or deltas.get("rewrite.turns_dropped_for_size", 0)
+                injected_mean = history_mean - 2 * dropped / requests
+                if dropped:
+                    notes.append(
+                        f"{dropped / requests:,.1f} turns per request left out (context window "
+                        "or upstream_body_limit)"
+                    )
             problems = {
                 k: v
                 for k, v in deltas.items()
@@ -1304,6 +1354,9 @@ class _Bench:
             stream_us=stream or {},
             counters=deltas,
             history_messages_mean=history_mean,
+            injected_messages_mean=injected_mean,
+            reads_per_request=reads,
+            idle_cpu_per_s=dict(side.idle_cpu_per_s),
             note="; ".join(notes),
         )
 
@@ -1366,29 +1419,34 @@ class _Bench:
                 threads=spec.threads,
                 api_key=api_key,
             )
+        pool = self._current_pool()
         return wrk_script(
             body=chat_body(False),
-            session_prefix=self.pool_prefix,
+            session_prefix=pool.prefix,
             fresh_sessions=False,
-            pool_sessions=self.pool_size,
+            pool_sessions=pool.size,
             threads=spec.threads,
-            offset=self.pool_offset,
-            skip=self.pool_skip,
+            offset=pool.offset,
+            skip=pool.skip,
             api_key=api_key,
         )
+
+    def _current_pool(self) -> Pool:
+        if self.pool is None:
+            raise BenchError("no session pool prepared")
+        return self.pool
 
     def _advance_pool(self, spec: RowSpec, result: dict[str, Any]) -> None:
         """After a sessiongate wrk run on the pool: continue the rotation where it stopped, and
         pass over the sessions of the requests that may have been in flight when wrk stopped
         (each connection's last request)."""
+        pool = self._current_pool()
         per_thread = spec.connections // spec.threads
         generated = [int(n) for n in result.get("generated", [])]
         for thread, count in enumerate(generated):
-            sent = pool_sequence(
-                self.pool_offset, thread, spec.threads, self.pool_size, self.pool_skip, count
-            )
-            self.pool_skip.update(sent[-per_thread:])
-        self.pool_offset = (self.pool_offset + sum(generated)) % self.pool_size
+            sent = pool_sequence(pool.offset, thread, spec.threads, pool.size, pool.skip, count)
+            pool.skip.update(sent[-per_thread:])
+        pool.offset = (pool.offset + sum(generated)) % pool.size
 
     async def wrk_side(self, side: Side, spec: RowSpec) -> Measurement:
         options = self.options
@@ -1403,9 +1461,9 @@ class _Bench:
                 f"{spec.id}-warmup",
             )
             if stores:
-                self.pool_turns_added += int(warm["requests"])
+                self._current_pool().turns_added += int(warm["requests"])
                 self._advance_pool(spec, warm)
-        history_before = self._pool_history()
+        history_before = self.pool.messages if stores and self.pool else 0.0
         script = self._script(spec, f"m{self.sequence + 1}")
 
         async def load() -> tuple[int, int, dict[str, Any]]:
@@ -1418,9 +1476,10 @@ class _Bench:
         requests, errors, result, cpu, deltas, tx = await self._measure(side, load, True)
         history_mean = 0.0
         if stores:
-            self.pool_turns_added += requests
+            pool = self._current_pool()
+            pool.turns_added += requests
             self._advance_pool(spec, result)
-            history_mean = (history_before + self._pool_history()) / 2
+            history_mean = (history_before + pool.messages) / 2
         latency = {k: float(v) for k, v in result["latency_us"].items()}
         return self._measurement(
             side,
@@ -1435,47 +1494,33 @@ class _Bench:
             history_mean=history_mean,
         )
 
-    def pool_summary(self) -> None:
-        """Record the current pool's final state (for the JSON)."""
-        if self.pools:
-            self.pools[-1].update(
-                turns_added=self.pool_turns_added,
-                skipped_sessions=len(self.pool_skip),
-                mean_messages_at_end=round(self._pool_history(), 1),
-            )
-
-    def _pool_history(self) -> float:
-        """Mean stored messages per pool session now (2 per turn)."""
-        if not self.pool_size:
-            return 0.0
-        return HISTORY_MESSAGES + 2 * self.pool_turns_added / self.pool_size
-
     # --- streaming rows ---
 
     async def stream_side(self, side: Side, spec: RowSpec) -> Measurement:
         options = self.options
+        pool = self._current_pool()
         row_id, concurrency = spec.id, spec.connections
-        client = Client(side.port, self.ssl_context)
+        client = _client(side)
         body = chat_body(True)
         counter = 0
 
         def next_session() -> str:
             nonlocal counter
-            index = (self.pool_offset + counter) % self.pool_size
+            index = (pool.offset + counter) % pool.size
             counter += 1
-            while index in self.pool_skip:
-                index = (self.pool_offset + counter) % self.pool_size
+            while index in pool.skip:
+                index = (pool.offset + counter) % pool.size
                 counter += 1
-            return f"{self.pool_prefix}{index}"
+            return f"{pool.prefix}{index}"
 
         async def worker(
-            connection: _Connection, stop_at: float, sink: list[Reply], failures: list[str]
+            connection: Connection, stop_at: float, sink: list[Reply], failures: list[str]
         ) -> None:
             while time.monotonic() < stop_at:
-                request = client.request_bytes(body, next_session())
+                message = client.request_bytes(body, next_session())
                 try:
-                    reply = await _request(connection, request, f"{row_id} {side.name}")
-                except BenchError as exc:
+                    reply = await request(connection, message, f"{row_id} {side.name}")
+                except RequestError as exc:
                     failures.append(str(exc))
                     return
                 if not reply.body.endswith(b"data: [DONE]\n\n"):
@@ -1484,7 +1529,7 @@ class _Bench:
                 sink.append(reply)
 
         async def drive(
-            connections: list[_Connection], seconds: float
+            connections: list[Connection], seconds: float
         ) -> tuple[list[Reply], list[str]]:
             replies: list[Reply] = []
             failures: list[str] = []
@@ -1500,10 +1545,10 @@ class _Bench:
                 if failures:
                     raise BenchError(f"{row_id} {side.name} (warm-up): {failures[0]}")
                 if side.sessiongate_pid is not None:
-                    self.pool_turns_added += len(warm)
-            self.pool_offset = (self.pool_offset + counter) % self.pool_size
+                    pool.turns_added += len(warm)
+            pool.offset = (pool.offset + counter) % pool.size
             counter = 0
-            history_before = self._pool_history()
+            history_before = pool.messages
             replies: list[Reply] = []
             failures = []
 
@@ -1519,11 +1564,11 @@ class _Bench:
             duration = float(details["duration_s"])
         finally:
             await client.close()
-        self.pool_offset = (self.pool_offset + counter) % self.pool_size
+        pool.offset = (pool.offset + counter) % pool.size
         history_mean = 0.0
         if side.sessiongate_pid is not None:
-            self.pool_turns_added += requests
-            history_mean = (history_before + self._pool_history()) / 2
+            pool.turns_added += requests
+            history_mean = (history_before + pool.messages) / 2
         ttfb = _summary_us([r.first_byte_ns - r.start_ns for r in replies])
         total = _summary_us([r.end_ns - r.start_ns for r in replies])
         gaps = options.sse_chunks  # events after the first: chunks - 1, then [DONE]
@@ -1541,33 +1586,71 @@ class _Bench:
 
     # --- preparing sessions ---
 
-    async def prepare_pool(self, side: Side, size: int, stream: bool, label: str) -> None:
-        """A template session with HISTORY_MESSAGES/2 - 1 turns, forked into `size` sessions
-        (each fork request stores the last turn)."""
-        self.step = f"preparing {size} sessions of {HISTORY_MESSAGES} messages ({label})"
+    def rate_estimate(self, connections: int) -> float:
+        """sessiongate's req/s at this concurrency, from the rows measured so far."""
+        if connections in self.rates:
+            return self.rates[connections]
+        if connections == 1:
+            return self.rates.get(1, max(self.rates.values(), default=1000.0))
+        loaded = [rate for c, rate in self.rates.items() if c > 1]
+        return max(loaded, default=max(self.rates.values(), default=1000.0))
+
+    def pool_specs(self, spec: RowSpec) -> list[RowSpec]:
+        return [s for s in self.options.specs() if s.pool_key == spec.pool_key]
+
+    def size_pool(self, spec: RowSpec) -> int:
+        """Sessions for the pool of `spec`'s group, from the measured rates."""
+        options = self.options
+        specs = self.pool_specs(spec)
+        connections = [s.connections for s in specs]
+        profiled = options.profile_dir is not None and any(s.id == "json.c32.h50" for s in specs)
+        if profiled:
+            connections.append(SATURATING_CONNECTIONS)
+        budget = skip_budget(connections, options.warmup_s > 0)
+        seconds = options.duration_s + options.warmup_s
+        if spec.kind == "sse":
+            # One stream takes about chunks x delay.
+            stream_s = max(0.005, options.sse_chunks * options.sse_delay_ms / 1000)
+            expected = sum(s.connections / stream_s for s in specs) * seconds
+        else:
+            expected = sum(self.rate_estimate(c) for c in connections) * seconds
+        if spec.history >= SEEDED_HISTORY:  # growth hardly matters; each costs ~20 MB
+            return pool_size(0, spec.history, budget, minimum=MIN_SEEDED_POOL)
+        if options.pool_sessions is not None:
+            return max(options.pool_sessions, 2 * budget + 4)
+        ceiling = QUICK_MAX_POOL if options.quick else MAX_POOL
+        return pool_size(expected, spec.history, budget, ceiling=ceiling)
+
+    async def prepare_pool(self, side: Side, spec: RowSpec, label: str) -> Pool:
+        """A template session with history/2 - 1 turns, forked into the pool's sessions (each
+        fork request stores the last turn)."""
+        size = self.size_pool(spec)
+        history = spec.history
+        stream = spec.kind == "sse"
+        self.step = f"preparing {size} sessions of {history} messages ({label})"
         print(f"  {self.step} ...", end="", flush=True)
         started = time.monotonic()
         tag = uuid.uuid4().hex[:6]
         template = f"{TEMPLATE_SESSION}-{tag}"
-        client = Client(side.port, self.ssl_context)
+        client = _client(side)
         before = await self.counters(side)
         extra = {SSE_DELAY_HEADER: "0"} if stream else {}
         body = chat_body(stream)
+        prefix = f"pool-{tag}-"
         try:
             connection = await client.connect()
-            for turn in range(HISTORY_MESSAGES // 2 - 1):
-                await _request(
+            for turn in range(history // 2 - 1):
+                await request(
                     connection,
                     client.request_bytes(body, template, extra),
                     f"template turn {turn + 1}",
                 )
-            prefix = f"pool-{tag}-"
             queue = iter(range(size))
 
-            async def forker(connection: _Connection) -> None:
+            async def forker(connection: Connection) -> None:
                 for index in queue:
                     headers = {**extra, "x-session-op": f"fork:{template}"}
-                    await _request(
+                    await request(
                         connection,
                         client.request_bytes(body, f"{prefix}{index}", headers),
                         f"fork {index}",
@@ -1582,12 +1665,63 @@ class _Bench:
         if forks < size:
             raise BenchError(f"only {forks} of {size} forks ran")
         await self._settle(side, before)
-        self.pool_size = size
-        self.pool_prefix = prefix
-        self.pool_turns_added = 0
-        self.pool_offset = 0
-        self.pool_skip = set()
-        self.pools.append({"label": label, "size": size, "prefix": prefix})
+        print(f" {time.monotonic() - started:.1f} s", flush=True)
+        return self._new_pool(spec, Pool(label, prefix, size, history, "forked"))
+
+    def _new_pool(self, spec: RowSpec, pool: Pool) -> Pool:
+        self.pools[spec.pool_key] = pool
+        self.pool_records.append(pool.record())
+        return pool
+
+    async def seed_pool(
+        self, spec: RowSpec, state_dir: Path, label: str, redis_prefix: str | None = None
+    ) -> Pool:
+        """The pool's sessions written into `state_dir`'s store before its gateway starts."""
+        size = self.size_pool(spec)
+        history = spec.history
+        self.step = f"writing {size} sessions of {history:,} messages ({label})"
+        print(f"  {self.step} ...", end="", flush=True)
+        prefix = f"seed-{uuid.uuid4().hex[:6]}-"
+        result = await seed_sessions(
+            sqlite_path=state_dir / "sessions.db",
+            hmac_key_path=state_dir / "hmac.key",
+            api_key=API_KEY,
+            session_ids=[f"{prefix}{i}" for i in range(size)],
+            turns_per_session=history // 2,
+            text=TURN_TEXT,
+            redis_url=self.options.redis_url if redis_prefix is not None else None,
+            redis_prefix=redis_prefix or "sg",
+        )
+        print(f" {result.seconds:.1f} s", flush=True)
+        return self._new_pool(spec, Pool(label, prefix, size, history, "seeded"))
+
+    async def touch_pool(self, side: Side, pool: Pool) -> None:
+        """Read every session of a seeded pool once through the gateway (each request stores
+        a turn), so that the rows find them in the hot tier."""
+        self.step = f"reading {pool.size} sessions of {pool.history:,} messages once"
+        print(f"  {self.step} ...", end="", flush=True)
+        started = time.monotonic()
+        client = _client(side)
+        before = await self.counters(side)
+        body = chat_body(False)
+        queue = iter(range(pool.size))
+
+        async def reader(connection: Connection) -> None:
+            for index in queue:
+                await request(
+                    connection,
+                    client.request_bytes(body, f"{pool.prefix}{index}"),
+                    f"first read of {pool.prefix}{index}",
+                )
+
+        try:
+            connections = [await client.connect() for _ in range(min(4, pool.size))]
+            await asyncio.gather(*(reader(c) for c in connections))
+        finally:
+            await client.close()
+        await self._settle(side, before, timeout_s=60.0)
+        pool.turns_added += pool.size
+        pool.touched = True
         print(f" {time.monotonic() - started:.1f} s", flush=True)
 
     async def _settle(self, side: Side, since: dict[str, int], timeout_s: float = 10.0) -> None:
@@ -1609,14 +1743,6 @@ class _Bench:
             if time.monotonic() > deadline:
                 raise BenchError(f"captures did not catch up: {done} of {rewritten}")
             await asyncio.sleep(0.05)
-
-    def pool_size_for(self, expected_requests: float) -> int:
-        if self.options.pool_sessions is not None:
-            return self.options.pool_sessions
-        size = math.ceil(expected_requests / MAX_GROWTH_TURNS)
-        ceiling = QUICK_MAX_POOL if self.options.quick else MAX_POOL
-        size = max(MIN_POOL, min(ceiling, size))
-        return size + size % SATURATING_THREADS  # threads take disjoint residues
 
     # --- rows ---
 
@@ -1650,6 +1776,7 @@ class _Bench:
             envoy_cpu_per_request_ratio=(
                 gate.cpu_us_per_request.get("envoy", 0.0) / base_envoy if base_envoy else 0.0
             ),
+            tier=spec.tier,
         )
         if spec.kind == "sse":
             row.extra["added_event_gap_us_p50"] = (
@@ -1658,187 +1785,22 @@ class _Bench:
             row.extra["added_total_us_p50"] = (
                 gate.stream_us["total_p50"] - base.stream_us["total_p50"]
             )
+        elif spec.tier == "hot" and spec.identity:
+            self.rates[spec.connections] = gate.rps
         self.rows.append(row)
-        self._print_row(row)
+        self.table.print_row(row)
         return row
 
-    def _print_row(self, row: Comparison) -> None:
-        if not self.printed_header:
-            header = _line([name for name, _, _ in _COLUMNS])
-            print()
-            print(header)
-            print("-" * len(header))
-            self.printed_header = True
-        for measurement in (row.baseline, row.sessiongate):
-            is_gate = measurement is row.sessiongate
-            vs = ""
-            if is_gate:
-                vs = (
-                    f"x{row.rps_ratio:.2f} rps, +{_fmt_us(row.added_us.get('p50', 0.0))} p50, "
-                    f"+{_fmt_us(row.added_us.get('p99', 0.0))} p99"
-                )
-            sessiongate_cpu = measurement.cpu_us_per_request.get("sessiongate")
-            print(
-                _line(
-                    (
-                        row.label if not is_gate else "",
-                        measurement.target,
-                        f"{measurement.rps:,.0f}",
-                        _fmt_us(measurement.latency_us["p50"]),
-                        _fmt_us(measurement.latency_us["p99"]),
-                        _fmt_us(measurement.latency_us["p99.9"]),
-                        _fmt_us(measurement.cpu_us_per_request["envoy"]),
-                        _fmt_us(sessiongate_cpu) if sessiongate_cpu is not None else "-",
-                        f"{measurement.cpu_s['machine_busy_share']:.0%}",
-                        vs,
-                    )
-                ),
-                flush=True,
-            )
-            if measurement.note:
-                print(f"{'':>{_COLUMNS[0][1]}}  ! {measurement.note}", flush=True)
-
-
-_COLUMNS: Final = (
-    ("configuration", 26, "<"),
-    ("target", 11, "<"),
-    ("req/s", 8, ">"),
-    ("p50", 9, ">"),
-    ("p99", 9, ">"),
-    ("p99.9", 9, ">"),
-    ("Envoy CPU/req", 13, ">"),
-    ("sg CPU/req", 10, ">"),
-    ("busy", 5, ">"),
-    ("vs baseline", 40, "<"),
-)
-
-
-def _line(cells: Sequence[str]) -> str:
-    return "  ".join(
-        f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
-    ).rstrip()
-
-
-def _fmt_us(us: float) -> str:
-    sign = "-" if us < 0 else ""
-    us = abs(us)
-    if us < 1000:
-        return f"{sign}{us:.0f} µs"
-    if us < 1_000_000:
-        return f"{sign}{us / 1000:.2f} ms"
-    return f"{sign}{us / 1_000_000:.2f} s"
-
-
-# --- targets ------------------------------------------------------------------------------
-
-
-def judge(rows: Sequence[Comparison]) -> list[Target]:
-    by_id = {row.id: row for row in rows}
-    targets: list[Target] = []
-
-    def add(name: str, row_id: str, value: float, threshold: float, unit: str, ok: bool) -> None:
-        targets.append(Target(name, row_id, value, threshold, unit, "PASS" if ok else "MISS"))
-
-    row = by_id.get("json.c32.h50")
-    if row is not None:
-        add(
-            "req/s with sessiongate >= 50% of plain Envoy (50 msgs hot, c=32)",
-            row.id,
-            row.rps_ratio,
-            RPS_RATIO_TARGET,
-            "ratio",
-            row.rps_ratio >= RPS_RATIO_TARGET,
-        )
-    for row_id in ("json.c1.h0", "json.c1.h50"):
-        row = by_id.get(row_id)
-        if row is None:
-            continue
-        what = "new session" if row.history_messages == 0 else "50 msgs hot"
-        p50, p99 = row.added_us["p50"], row.added_us["p99"]
-        add(
-            f"added latency p50 < 1 ms (c=1, {what})",
-            row.id,
-            p50,
-            ADDED_P50_TARGET_US,
-            "µs",
-            p50 < ADDED_P50_TARGET_US,
-        )
-        add(
-            f"added latency p99 < 3 ms (c=1, {what})",
-            row.id,
-            p99,
-            ADDED_P99_TARGET_US,
-            "µs",
-            p99 < ADDED_P99_TARGET_US,
-        )
-    row = by_id.get("sse.c1.h50")
-    if row is not None:
-        p50 = row.added_us["p50"]
-        add(
-            "streaming added first-event delay p50 < 2 ms (c=1)",
-            row.id,
-            p50,
-            STREAM_TTFB_TARGET_US,
-            "µs",
-            p50 < STREAM_TTFB_TARGET_US,
-        )
-    for row_id in ("json.c32.h0", "json.c32.h50"):
-        row = by_id.get(row_id)
-        if row is None:
-            continue
-        what = "new session" if row.history_messages == 0 else "50 msgs hot"
-        add(
-            f"sessiongate CPU/req <= plain Envoy CPU/req (c=32, {what})",
-            row.id,
-            row.cpu_per_request_ratio,
-            1.0,
-            "ratio",
-            row.cpu_per_request_ratio <= 1.0,
-        )
-    return targets
-
-
-def _print_targets(targets: Sequence[Target]) -> None:
-    print()
-    print("targets (issue 4):")
-    for target in targets:
-        if target.unit == "ratio":
-            value = f"{target.value:.2f} (limit {target.threshold:g})"
-        else:
-            value = f"{_fmt_us(target.value)} (limit {_fmt_us(target.threshold)})"
-        print(f"  {target.status:4}  {target.name}: {value}")
-    missed = sum(t.status == "MISS" for t in targets)
-    print(f"  {len(targets) - missed} PASS, {missed} MISS")
-
-
-def _print_notes(rows: Sequence[Comparison], options: Options) -> None:
-    print()
-    print(
-        "req/s and latency: wrk (JSON) or the streaming client (SSE: latency = time to the "
-        "first event); CPU/req: utime+stime of the process over the window / requests; "
-        "busy: the machine's CPU busy share during the window"
-    )
-    for row in rows:
-        gate, base = row.sessiongate, row.baseline
-        parts = [
-            f"Envoy CPU/req x{row.envoy_cpu_per_request_ratio:.2f} with sessiongate",
-            f"sessiongate CPU/req = {row.cpu_per_request_ratio:.2f} x plain Envoy's",
-            f"upstream request {base.upstream_request_bytes:,.0f} -> "
-            f"{gate.upstream_request_bytes:,.0f} B",
-        ]
-        if row.history_messages:
-            parts.append(f"history served ~{gate.history_messages_mean:.0f} msgs (mean)")
-        if row.kind == "sse":
-            parts.append(
-                f"stream p50 {_fmt_us(base.stream_us['total_p50'])} -> "
-                f"{_fmt_us(gate.stream_us['total_p50'])}, per-event gap "
-                f"{row.extra['added_event_gap_us_p50']:+.1f} µs"
-            )
-        parts.append(
-            f"load generator CPU/req {_fmt_us(base.cpu_us_per_request.get('client', 0.0))} / "
-            f"{_fmt_us(gate.cpu_us_per_request.get('client', 0.0))}"
-        )
-        print(f"  {row.label}: {'; '.join(parts)}")
+    async def run_row(self, spec: RowSpec, index: int, base: Side, gate: Side) -> None:
+        self.step = f"row {spec.id}"
+        results: dict[str, Measurement] = {}
+        order = self._order(index, base, gate)
+        for side in order:
+            if spec.kind == "sse":
+                results[side.name] = await self.stream_side(side, spec)
+            else:
+                results[side.name] = await self.wrk_side(side, spec)
+        self.add(spec, results, [s.name for s in order])
 
 
 # --- machine ------------------------------------------------------------------------------
@@ -1940,64 +1902,6 @@ async def _profile(bench: _Bench, gate: Side, directory: Path) -> dict[str, Any]
     return summary
 
 
-def thread_cpu_s(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name of a process ("main" is its first thread)."""
-    out: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError, ValueError):
-                name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
-                out[name] = out.get(name, 0.0) + process_cpu_s_of(task / "stat")
-    return out
-
-
-_FRAME_PATH = re.compile(r" \((?:.*/(?:site-packages|lib/python[\d.]+)/)?(.*?)(?::\d+)?\)$")
-
-
-def _frame_name(frame: str) -> str:
-    """`func (/long/path/site-packages/pkg/mod.py:123)` -> `func (pkg/mod.py)`."""
-    return _FRAME_PATH.sub(r" (\1)", frame)
-
-
-def summarize_collapsed(text: str, top: int = 25) -> dict[str, Any]:
-    """Sample shares from py-spy's raw (collapsed) stacks recorded with `--threads`: per
-    thread, and for the event loop's thread (MainThread) per function (line numbers merged),
-    self and inclusive. Self time in `Runner.run` is native code under the event loop with no
-    Python frame of its own: grpc aio's Cython/C core, uvloop, the garbage collector."""
-    threads: dict[str, int] = {}
-    self_counts: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = main_total = 0
-    for line in text.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = stack.split(";")
-        thread = frames[0].split(": ", 1)[-1] if frames[0].startswith("thread (") else "?"
-        threads[thread] = threads.get(thread, 0) + count
-        if thread != "MainThread":
-            continue
-        main_total += count
-        names = [_frame_name(f) for f in frames[1:]] or ["(no frame)"]
-        self_counts[names[-1]] = self_counts.get(names[-1], 0) + count
-        for name in set(names):
-            inclusive[name] = inclusive.get(name, 0) + count
-
-    def ranked(counts: dict[str, int], of: int) -> list[dict[str, Any]]:
-        items = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:top]
-        return [{"frame": f, "share": round(c / of, 4)} for f, c in items] if of else []
-
-    return {
-        "samples": total,
-        "threads": ranked(threads, total),
-        "main_thread_samples": main_total,
-        "self": ranked(self_counts, main_total),
-        "inclusive": ranked(inclusive, main_total),
-    }
-
-
 # --- main ---------------------------------------------------------------------------------
 
 
@@ -2042,7 +1946,6 @@ async def _run_bench(bench: _Bench, machine: dict[str, Any]) -> int:
             flush=True,
         )
     error = ""
-    profile: dict[str, Any] | None = None
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     if main_task is not None:
@@ -2050,26 +1953,50 @@ async def _run_bench(bench: _Bench, machine: dict[str, Any]) -> int:
             loop.add_signal_handler(signal.SIGTERM, main_task.cancel)
     bench.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
     try:
-        profile = await _measure_all(bench)
+        await _measure_all(bench)
     except asyncio.CancelledError:
         error = f"{bench.step}: interrupted"
         print(f"\nbench gateway: interrupted during {bench.step}", file=sys.stderr, flush=True)
-    except (BenchError, OSError, aiohttp.ClientError, KeyError, ValueError) as exc:
+    except (BenchError, RequestError, OSError, aiohttp.ClientError, KeyError, ValueError) as exc:
         error = f"{bench.step}: {type(exc).__name__}: {exc}"
         print(f"\nbench gateway: error: {error}", file=sys.stderr, flush=True)
     finally:
         await bench.procs.stop_all()
         await bench.http.close()
+        await _remove_redis_keys(bench)
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
+    profile = bench.profile
     machine["loadavg_end"] = list(os.getloadavg())
     machine.update(bench.machine_extra)
+    derive_stream_costs(bench.rows, options.sse_chunks)
     targets = judge(bench.rows)
     if bench.rows:
-        _print_notes(bench.rows, options)
-        _print_targets(targets)
+        print_notes(bench.rows, options.sse_chunks)
+    if bench.memory is not None:
+        print_memory(bench.memory)
+    print_proxies(bench.proxies, bench.rows)
+    for note in bench.notes:
+        print(f"note: {note}")
+    if bench.rows:
+        print_targets(targets)
     if profile:
-        _print_profile(profile)
+        print_profile(profile)
+    plot_files: list[str] = []
+    if options.plots_dir is not None and bench.rows:
+        subtitle = (
+            f"{machine['nproc']} CPUs shared by every process, TLS "
+            f"{'on' if options.tls else 'off'}, {options.duration_s:g} s per point"
+            f"{' (QUICK)' if options.quick else ''}"
+        )
+        try:
+            plot_files = [
+                str(p) for p in plots.write_plots(bench.rows, options.plots_dir, subtitle)
+            ]
+        except plots.PlotError as exc:
+            print(f"\nplots: {exc}")
+        else:
+            print(f"\nplots: {', '.join(plot_files)}")
     if options.json_path is not None:
         result = {
             "benchmark": "gateway",
@@ -2084,11 +2011,21 @@ async def _run_bench(bench: _Bench, machine: dict[str, Any]) -> int:
                 "history_messages": HISTORY_MESSAGES,
                 "request_body_bytes": len(chat_body(False)),
                 "completion_body_bytes": len(completion_body()),
-                "rows": [asdict(spec) for spec in ROWS],
+                "rows": [asdict(spec) for spec in options.specs()],
+                "memory_sessions": options.memory_sessions,
+                "litellm": litellm_compare.LITELLM_VERSION if options.litellm else None,
             },
             "targets": [asdict(t) for t in targets],
             "rows": [asdict(row) for row in bench.rows],
-            "pools": bench.pools,
+            "memory": (
+                {**asdict(bench.memory), "bytes_per_session": bench.memory.bytes_per_session}
+                if bench.memory is not None
+                else None
+            ),
+            "litellm": [asdict(p) for p in bench.proxies],
+            "pools": [pool.record() for pool in bench.pools.values()],
+            "plots": plot_files,
+            "notes": bench.notes,
             "profile": profile,
             "error": error or None,
         }
@@ -2097,132 +2034,187 @@ async def _run_bench(bench: _Bench, machine: dict[str, Any]) -> int:
     return 1 if error else 0
 
 
-def _print_profile(profile: dict[str, Any]) -> None:
-    print()
-    if "error" in profile:
-        print(f"profile: {profile['error']}")
+async def _redis_reachable(url: str) -> str:
+    """'' when Redis answers PING at `url`, else why not."""
+    import redis.asyncio as redis_asyncio
+
+    client = redis_asyncio.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await client.ping()
+        return ""
+    except Exception as exc:  # any failure means: no warm rows
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.aclose()
+
+
+async def _remove_redis_keys(bench: _Bench) -> None:
+    """Delete every key under the run's Redis prefixes (the warm gateway's and the seeds')."""
+    if not bench.redis_prefixes:
         return
-    cpu = profile.get("thread_cpu_s", {})
-    total = sum(cpu.values()) or 1.0
-    shares = ", ".join(
-        f"{name} {seconds:.2f} s ({seconds / total:.0%})"
-        for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1])
-        if seconds > 0
-    )
-    print(
-        f"profile of sessiongate under the saturating 50-message load (py-spy, "
-        f"{profile['samples']} samples, {profile['collapsed']})"
-    )
-    print(f"  CPU by thread: {shares}")
-    print("  event loop thread, self time (Runner.run = native code under the loop):")
-    for item in profile["self"][:10]:
-        print(f"    {item['share']:6.1%}  {item['frame']}")
-    print("  event loop thread, inclusive:")
-    skip = ("<module>", "_run_module", "_run_code", "main (", "cmd_up", "_run (", "run (")
-    shown = [i for i in profile["inclusive"] if not i["frame"].startswith(skip)]
-    for item in shown[:12]:
-        print(f"    {item['share']:6.1%}  {item['frame']}")
+    import redis.asyncio as redis_asyncio
+
+    client = redis_asyncio.Redis.from_url(bench.options.redis_url, socket_timeout=5)
+    removed = 0
+    try:
+        for prefix in bench.redis_prefixes:
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    removed += await client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                removed += await client.unlink(*batch)
+    except Exception as exc:  # the run's figures stand; say what is left behind
+        print(
+            f"bench gateway: could not remove the Redis keys under {bench.redis_prefixes}: {exc}",
+            file=sys.stderr,
+        )
+    finally:
+        await client.aclose()
+    bench.machine_extra["redis_keys_removed"] = removed
+    bench.redis_prefixes.clear()
 
 
-async def _measure_all(bench: _Bench) -> dict[str, Any] | None:
+async def _measure_all(bench: _Bench) -> None:
     options = bench.options
     directory = bench.directory
     procs = bench.procs
-    profile: dict[str, Any] | None = None
+    specs = options.specs()
+    json_specs = [s for s in specs if s.kind == "json"]
+    sse_specs = [s for s in specs if s.kind == "sse"]
 
-    # --- JSON: Envoy direct_response provider ---
-    bench.step = "starting the JSON provider (Envoy direct_response)"
-    provider = await start_envoy(
-        procs,
-        "provider envoy",
-        provider_bootstrap(completion_body()),
-        directory / "provider-json",
-        "provider",
-        ["--concurrency", "1"],
-    )
-    bench.provider_pid = provider.pid
-    bench.step = "starting sessiongate up (JSON)"
-    gate, base = await _targets(bench, f"http://127.0.0.1:{provider.port}", directory / "json")
-    await _sanity(bench, base, gate, stream=False)
-    index = 0
-    new_session_rates: dict[int, float] = {}
-    for spec in ROWS:
-        if spec.kind != "json":
-            continue
-        if spec.history and not bench.pool_size:
-            expected = sum(new_session_rates.values()) * (options.duration_s + options.warmup_s)
-            await bench.prepare_pool(gate, bench.pool_size_for(expected), False, "JSON")
-        bench.step = f"row {spec.id}"
-        results: dict[str, Measurement] = {}
-        order = bench._order(index, base, gate)
-        for side in order:
-            results[side.name] = await bench.wrk_side(side, spec)
-        row = bench.add(spec, results, [s.name for s in order])
-        if spec.history == 0 and spec.identity:
-            new_session_rates[spec.connections] = row.sessiongate.rps
-        index += 1
-    if options.profile_dir is not None:
-        bench.step = "profiling sessiongate"
-        profile = await _profile(bench, gate, options.profile_dir)
-    bench.pool_summary()
-    for child in list(procs.children):
-        await procs.stop(child)
-
-    # --- SSE: the asyncio SSE provider ---
-    bench.step = "starting the SSE provider"
-    sse_dir = directory / "provider-sse"
-    sse_dir.mkdir(parents=True, exist_ok=True)
-    sse_stdout = sse_dir / "stdout"
-    sse = await procs.spawn(
-        "sse server",
-        [
-            sys.executable,
-            "-m",
-            "extproc.bench.sse_server",
-            "--port",
-            "0",
-            "--chunks",
-            str(options.sse_chunks),
-            "--delay-ms",
-            f"{options.sse_delay_ms:g}",
-        ],
-        sse_dir / "log",
-        sse_stdout,
-    )
-    ready = await _wait_for_line(sse, sse_stdout, "sse-server ready ")
-    bench.provider_pid = sse.pid
-    bench.step = "starting sessiongate up (SSE)"
-    gate, base = await _targets(bench, ready.split()[-1], directory / "sse")
-    await _sanity(bench, base, gate, stream=True)
-    # One stream takes about chunks x delay; the pool covers both rows' streams.
-    stream_s = max(0.005, options.sse_chunks * options.sse_delay_ms / 1000)
-    expected = (1 + STREAM_CONCURRENCY) / stream_s * (options.duration_s + options.warmup_s)
-    await bench.prepare_pool(gate, bench.pool_size_for(expected), True, "SSE")
-    for spec in ROWS:
-        if spec.kind != "sse":
-            continue
-        bench.step = f"row {spec.id}"
-        results = {}
-        order = bench._order(index, base, gate)
-        for side in order:
-            results[side.name] = await bench.stream_side(side, spec)
-        bench.add(spec, results, [s.name for s in order])
-        index += 1
-    bench.pool_summary()
-    for child in list(procs.children):
-        await procs.stop(child)
-    return profile
-
-
-async def _targets(bench: _Bench, upstream: str, directory: Path) -> tuple[Side, Side]:
-    """`sessiongate up` against `upstream`, and plain Envoy from its bootstrap minus
-    sessiongate."""
-    tls = bench.options.tls
-    gateway = await start_gateway(bench.procs, upstream, directory / "sessiongate", tls)
-    if tls:
-        bench.ssl_context = ssl.create_default_context(
-            cafile=str(directory / "sessiongate" / "tls" / "ca.pem")
+    if json_specs or options.memory_sessions or options.litellm:
+        # --- JSON: Envoy direct_response provider ---
+        bench.step = "starting the JSON provider (Envoy direct_response)"
+        provider = await start_envoy(
+            procs,
+            "provider envoy",
+            provider_bootstrap(completion_body()),
+            directory / "provider-json",
+            "provider",
+            ["--concurrency", "1"],
         )
+        bench.provider_pid = provider.pid
+        upstream = f"http://127.0.0.1:{provider.port}"
+        index = 0
+        base: Side | None = None
+        hot_gateway: Gateway | None = None
+        for tier in _GATEWAY_FLAGS:
+            tier_specs = [s for s in json_specs if s.gateway == tier]
+            if not tier_specs and not (tier == "hot" and options.litellm):
+                continue
+            if tier == "warm":
+                if not options.redis_url:
+                    bench.notes.append("warm rows skipped (--redis-url none)")
+                    continue
+                problem = await _redis_reachable(options.redis_url)
+                if problem:
+                    bench.notes.append(
+                        f"warm rows skipped: Redis at {options.redis_url} does not answer "
+                        f"({problem}); start redis-server or pass --redis-url"
+                    )
+                    continue
+            gate, base, gateway, index = await _json_phase(
+                bench, tier, tier_specs, upstream, base, index
+            )
+            if tier == "hot":
+                hot_gateway = gateway
+            await procs.stop(gateway.child)
+        if options.memory_sessions:
+            bench.memory = await _measure_memory(bench, upstream, directory / "memory")
+        if options.litellm and base is not None and hot_gateway is not None:
+            await _compare_litellm(bench, upstream, base, hot_gateway.state_dir / "tls", index)
+        for child in list(procs.children):
+            await procs.stop(child)
+
+    if sse_specs:
+        # --- SSE: the asyncio SSE provider ---
+        bench.step = "starting the SSE provider"
+        sse_dir = directory / "provider-sse"
+        sse_dir.mkdir(parents=True, exist_ok=True)
+        sse_stdout = sse_dir / "stdout"
+        sse = await procs.spawn(
+            "sse server",
+            [
+                sys.executable,
+                "-m",
+                "extproc.bench.sse_server",
+                "--port",
+                "0",
+                "--chunks",
+                str(options.sse_chunks),
+                "--delay-ms",
+                f"{options.sse_delay_ms:g}",
+            ],
+            sse_dir / "log",
+            sse_stdout,
+        )
+        ready = await _wait_for_line(sse, sse_stdout, "sse-server ready ")
+        bench.provider_pid = sse.pid
+        bench.step = "starting sessiongate up (SSE)"
+        gateway = await _start_sessiongate(bench, ready.split()[-1], directory / "sse", "hot")
+        gate = _gateway_side(bench, gateway)
+        base = await _start_baseline(bench, gateway, directory / "sse")
+        await _sanity(bench, base, gate, stream=True)
+        await bench.measure_idle([gate, base])
+        for position, spec in enumerate(sse_specs):
+            if position == 0:
+                bench.pool = await bench.prepare_pool(gate, spec, "SSE")
+            await bench.run_row(spec, position + len(bench.rows), base, gate)
+        for child in list(procs.children):
+            await procs.stop(child)
+
+
+# The model's context window for the 10,000-message rows: ~600k tokens must fit, or the window
+# (128k for gpt-4o-mini) and not the session size would decide what the row measures.
+BIG_WINDOW_TOKENS: Final = 2_000_000
+_GATEWAY_FLAGS: Final = {
+    "hot": (),
+    "big": ("--context", f'models."{MODEL}" = {{window = {BIG_WINDOW_TOKENS}}}'),
+    "warm": ("--hot-max-bytes", str(TINY_HOT_BYTES)),
+    "cold": ("--hot-max-bytes", str(TINY_HOT_BYTES)),
+}
+_GATEWAY_NOTES: Final = {
+    "big": f"the {BIG_HISTORY:,}-message rows run against a sessiongate whose window for "
+    f"{MODEL} is raised to {BIG_WINDOW_TOKENS:,} tokens (--context), so that the whole "
+    "session is injected (128k tokens would hold ~2,000 messages); everything else default",
+    "warm": f"warm rows: sessiongate with Redis and --hot-max-bytes {TINY_HOT_BYTES} (the hot "
+    "tier holds no session: every read is a Redis snapshot)",
+    "cold": f"cold rows: sessiongate without Redis and --hot-max-bytes {TINY_HOT_BYTES} (every "
+    "read loads the session from SQLite; so does the writer, once per turn, for the next seq)",
+}
+
+
+async def _start_sessiongate(
+    bench: _Bench, upstream: str, directory: Path, tier: str, redis_prefix: str = ""
+) -> Gateway:
+    extra = list(_GATEWAY_FLAGS[tier])
+    if tier == "warm":
+        extra += ["--redis-url", bench.options.redis_url, "--redis-prefix", redis_prefix]
+    return await start_gateway(
+        bench.procs, upstream, directory / "sessiongate", bench.options.tls, extra
+    )
+
+
+def _gateway_side(bench: _Bench, gateway: Gateway) -> Side:
+    context = None
+    if bench.options.tls:
+        context = ssl.create_default_context(cafile=str(gateway.state_dir / "tls" / "ca.pem"))
+    return Side(
+        "sessiongate",
+        gateway.port,
+        gateway.envoy_pid,
+        gateway.envoy_admin,
+        gateway.child.pid,
+        gateway.metrics_url,
+        context,
+    )
+
+
+async def _start_baseline(bench: _Bench, gateway: Gateway, directory: Path) -> Side:
+    """Plain Envoy from the gateway's bootstrap minus sessiongate (same certificate)."""
     bench.step = "starting plain Envoy (baseline)"
     plain = await start_envoy(
         bench.procs,
@@ -2231,16 +2223,207 @@ async def _targets(bench: _Bench, upstream: str, directory: Path) -> tuple[Side,
         directory / "baseline",
         "llm",
     )
-    gate = Side(
-        "sessiongate",
-        gateway.port,
-        gateway.envoy_pid,
-        gateway.envoy_admin,
-        gateway.child.pid,
-        gateway.metrics_url,
+    context = None
+    if bench.options.tls:
+        context = ssl.create_default_context(cafile=str(gateway.state_dir / "tls" / "ca.pem"))
+    return Side("baseline", plain.port, plain.pid, plain.admin, ssl_context=context)
+
+
+async def _json_phase(
+    bench: _Bench,
+    tier: str,
+    specs: list[RowSpec],
+    upstream: str,
+    base: Side | None,
+    index: int,
+) -> tuple[Side, Side, Gateway, int]:
+    """One sessiongate (store configuration) against the JSON provider: its seeded pools
+    written before it starts, then its rows. The baseline Envoy is started with the first
+    one and kept (it does not depend on sessiongate's store)."""
+    options = bench.options
+    directory = bench.directory / f"json-{tier}"
+    state_dir = directory / "sessiongate"
+    redis_prefix = ""
+    if tier == "warm":
+        redis_prefix = f"sgbench-{bench.run_tag}"
+        bench.redis_prefixes.append(redis_prefix)
+    if tier in _GATEWAY_NOTES and specs:
+        bench.notes.append(_GATEWAY_NOTES[tier])
+    for spec in specs:
+        if spec.history and tier != "hot" and spec.pool_key not in bench.pools:
+            label = f"{spec.history:,} msgs {spec.tier}"
+            await bench.seed_pool(spec, state_dir, label, redis_prefix or None)
+    bench.step = f"starting sessiongate up ({tier})"
+    gateway = await _start_sessiongate(bench, upstream, directory, tier, redis_prefix)
+    gate = _gateway_side(bench, gateway)
+    if base is None:  # kept for the other tiers (with this gateway's certificate)
+        base = await _start_baseline(bench, gateway, directory)
+    await _sanity(bench, base, gate, stream=False)
+    if tier == "hot":
+        await bench.measure_idle([gate, base])
+    for spec in specs:
+        if spec.history:
+            pool = bench.pools.get(spec.pool_key)
+            if pool is None:
+                label = f"{spec.history} msgs {tier}{' ' + spec.group if spec.group else ''}"
+                pool = await bench.prepare_pool(gate, spec, label)
+            elif pool.how == "seeded" and spec.tier == "hot" and not pool.touched:
+                await bench.touch_pool(gate, pool)
+            bench.pool = pool
+        await bench.run_row(spec, index, base, gate)
+        index += 1
+        if spec.id == "json.c32.h50" and options.profile_dir is not None:
+            bench.step = "profiling sessiongate"
+            bench.profile = await _profile(bench, gate, options.profile_dir)
+    return gate, base, gateway, index
+
+
+async def _measure_memory(bench: _Bench, upstream: str, directory: Path) -> MemoryResult:
+    """A fresh `sessiongate up`, `memory_sessions` first turns (each a new session) over
+    MEMORY_CONNECTIONS keep-alive connections, every turn captured, then VmRSS."""
+    sessions = bench.options.memory_sessions
+    bench.step = f"memory: {sessions:,} idle sessions"
+    print(f"\n  {bench.step} ...", end="", flush=True)
+    gateway = await start_gateway(
+        bench.procs, upstream, directory / "sessiongate", bench.options.tls
     )
-    base = Side("baseline", plain.port, plain.pid, plain.admin)
-    return gate, base
+    gate = _gateway_side(bench, gateway)
+    try:
+        await _sanity_one(bench, gate)
+        await asyncio.sleep(0.5)
+        before = await bench.counters(gate)
+        rss_before = rss_bytes(gateway.child.pid)
+        client = _client(gate)
+        body = chat_body(False)
+        prefix = f"mem-{bench.run_tag}-"
+        queue = iter(range(sessions))
+        started = time.monotonic()
+
+        async def sender(connection: Connection) -> None:
+            for number in queue:
+                await request(connection, client.request_bytes(body, f"{prefix}{number}"), "memory")
+
+        try:
+            connections = [await client.connect() for _ in range(MEMORY_CONNECTIONS)]
+            await asyncio.gather(*(sender(c) for c in connections))
+        finally:
+            await client.close()
+        duration = time.monotonic() - started
+        await bench._settle(gate, before, timeout_s=120.0)
+        await asyncio.sleep(0.5)  # the cold tier's last group commit
+        counters = await bench.counters(gate)
+        rss_after = rss_bytes(gateway.child.pid)
+    finally:
+        await bench.procs.stop(gateway.child)
+    hot = counters.get("store.hot_sessions", 0)
+    evictions = counters.get("store.hot_evictions", 0) - before.get("store.hot_evictions", 0)
+    notes = []
+    if hot < sessions:
+        notes.append(f"the hot tier holds {hot:,} of the {sessions:,} sessions")
+    if evictions:
+        notes.append(f"{evictions:,} evicted (hot_max_bytes)")
+    result = MemoryResult(
+        sessions=sessions,
+        hot_sessions=hot,
+        hot_sessions_at_start=before.get("store.hot_sessions", 0),
+        hot_bytes_estimate=counters.get("store.hot_bytes", 0),
+        rss_before_bytes=rss_before,
+        rss_after_bytes=rss_after,
+        duration_s=duration,
+        evictions=evictions,
+        note="; ".join(notes),
+    )
+    print(
+        f" {duration:.0f} s: {rss_after / 1024 / 1024:,.0f} MB RSS, "
+        f"{result.bytes_per_session:,.0f} bytes per session",
+        flush=True,
+    )
+    return result
+
+
+async def _compare_litellm(
+    bench: _Bench, upstream: str, base: Side, tls_dir: Path, index: int
+) -> None:
+    """LiteLLM's proxy (pinned, own virtual environment) against the same provider and plain
+    Envoy, with the gateway's certificate, under the new-session wrk load of the main rows."""
+    options = bench.options
+    bench.step = "LiteLLM: installing"
+    print()
+    try:
+        executable = await litellm_compare.ensure_litellm(options.litellm_version)
+    except litellm_compare.LiteLLMUnavailable as exc:
+        raise BenchError(f"--litellm: {exc}") from None
+    directory = bench.directory / "litellm"
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "config.yaml"
+    config.write_text(litellm_compare.litellm_config(f"{upstream}/v1", MODEL))
+    port = litellm_compare.free_port()
+    tls = (tls_dir / "cert.pem", tls_dir / "key.pem") if options.tls else None
+    bench.step = "LiteLLM: starting the proxy"
+    child = await bench.procs.spawn(
+        "litellm",
+        litellm_compare.litellm_argv(executable, config, port, tls),
+        directory / "litellm.log",
+        env=litellm_compare.litellm_env(),
+    )
+    context = base.ssl_context
+    side = Side("litellm", port, child.pid, "", ssl_context=context)
+    await _wait_litellm(child, side)
+    try:
+        for concurrency in LITELLM_CONCURRENCIES:
+            threads = 1 if concurrency == 1 else SATURATING_THREADS
+            spec = RowSpec(f"litellm.c{concurrency}", "json", concurrency, threads, 0)
+            bench.step = f"row {spec.id}"
+            results: dict[str, Measurement] = {}
+            order = bench._order(index, base, side)
+            for target in order:
+                results[target.name] = await bench.wrk_side(target, spec)
+            index += 1
+            base_m, proxy_m = results["baseline"], results["litellm"]
+            comparison = ProxyComparison(
+                id=spec.id,
+                label=f"LiteLLM c={concurrency}{f' t={threads}' if threads > 1 else ''}",
+                concurrency=concurrency,
+                baseline=base_m,
+                proxy=proxy_m,
+                rps_ratio=proxy_m.rps / base_m.rps if base_m.rps else 0.0,
+                added_us={
+                    k: proxy_m.latency_us[k] - base_m.latency_us[k] for k in ("p50", "p99", "p99.9")
+                },
+                version=options.litellm_version,
+            )
+            bench.proxies.append(comparison)
+            bench.table.print_proxy(comparison)
+    finally:
+        await bench.procs.stop(child)
+
+
+async def _wait_litellm(child: Child, side: Side, timeout_s: float = 120.0) -> None:
+    """Until the proxy answers its liveliness probe and one chat request with a 200."""
+    deadline = time.monotonic() + timeout_s
+    scheme = "https" if side.ssl_context is not None else "http"
+    url = f"{scheme}://127.0.0.1:{side.port}"
+    verify: ssl.SSLContext | bool = side.ssl_context if side.ssl_context is not None else True
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while True:
+            if child.proc.returncode is not None:
+                raise BenchError(
+                    f"LiteLLM exited with status {child.proc.returncode}:\n{child.log_tail()}"
+                )
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                async with http.get(f"{url}/health/liveliness", ssl=verify) as resp:
+                    if resp.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise BenchError(f"LiteLLM not ready in {timeout_s:g} s:\n{child.log_tail()}")
+            await asyncio.sleep(0.2)
+        headers = {"authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+        async with http.post(
+            f"{url}{CHAT_PATH}", data=chat_body(False), headers=headers, ssl=verify
+        ) as resp:
+            body = await resp.read()
+            if resp.status != 200 or b"chat.completion" not in body:
+                raise BenchError(f"LiteLLM answered {resp.status}: {body[:300]!r}")
 
 
 async def _sanity(bench: _Bench, base: Side, gate: Side, stream: bool) -> None:
@@ -2249,21 +2432,35 @@ async def _sanity(bench: _Bench, base: Side, gate: Side, stream: bool) -> None:
     bench.step = "sanity requests"
     before = await bench.counters(gate)
     for side in (base, gate):
-        client = Client(side.port, bench.ssl_context)
-        try:
-            connection = await client.connect()
-            session = f"sanity-{uuid.uuid4().hex[:8]}"
-            for _ in range(2):  # the second request carries the first turn as history
-                reply = await _request(
-                    connection,
-                    client.request_bytes(chat_body(stream), session),
-                    f"sanity request to {side.name}",
-                )
-                expected = b"data: [DONE]" if stream else b'"chat.completion"'
-                if expected not in reply.body:
-                    raise BenchError(f"{side.name}: unexpected reply {reply.body[:200]!r}")
-        finally:
-            await client.close()
+        await _sanity_requests(side, stream)
+    await _sanity_counted(bench, gate, before)
+
+
+async def _sanity_one(bench: _Bench, gate: Side) -> None:
+    before = await bench.counters(gate)
+    await _sanity_requests(gate, False)
+    await _sanity_counted(bench, gate, before)
+
+
+async def _sanity_requests(side: Side, stream: bool) -> None:
+    client = _client(side)
+    try:
+        connection = await client.connect()
+        session = f"sanity-{uuid.uuid4().hex[:8]}"
+        for _ in range(2):  # the second request carries the first turn as history
+            reply = await request(
+                connection,
+                client.request_bytes(chat_body(stream), session),
+                f"sanity request to {side.name}",
+            )
+            expected = b"data: [DONE]" if stream else b'"chat.completion"'
+            if expected not in reply.body:
+                raise BenchError(f"{side.name}: unexpected reply {reply.body[:200]!r}")
+    finally:
+        await client.close()
+
+
+async def _sanity_counted(bench: _Bench, gate: Side, before: dict[str, int]) -> None:
     deadline = time.monotonic() + 5
     while True:
         after = await bench.counters(gate)

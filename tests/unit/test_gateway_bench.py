@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from extproc.bench import gateway_bench as gb
-from extproc.bench import sse_server
+from extproc.bench import plots, sse_server
 from extproc.config import Settings
 from extproc.envoy_config import (
     CAPTURE_FILTER,
@@ -39,14 +39,88 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_options_defaults_and_quick() -> None:
     full = gb._options(_parse())
     assert (full.duration_s, full.warmup_s, full.tls) == (10.0, 2.0, True)
+    assert full.rows == gb.ROW_IDS and full.memory_sessions == 100_000
+    assert full.redis_url == gb.DEFAULT_REDIS_URL and not full.litellm
+    assert full.plots_dir is None
     quick = gb._options(_parse("--quick", "--no-tls"))
     assert quick.duration_s < full.duration_s and quick.warmup_s < full.warmup_s
     assert not quick.tls and quick.quick
+    assert quick.rows == gb.QUICK_ROW_IDS and quick.memory_sessions < 1000
     assert gb._options(_parse("--quick", "--duration", "3")).duration_s == 3.0
+    chosen = gb._options(
+        _parse("--rows", "json.c1.h50, sse.c1.h50", "--redis-url", "none", "--plots", "d")
+    )
+    assert chosen.rows == ("json.c1.h50", "sse.c1.h50") and chosen.redis_url == ""
+    assert [s.id for s in chosen.specs()] == ["json.c1.h50", "sse.c1.h50"]
+    assert chosen.plots_dir == Path("d")
+    assert gb._options(_parse("--memory-sessions", "0", "--litellm")).memory_sessions == 0
     with pytest.raises(SystemExit):
         _parse("--duration", "0")
     with pytest.raises(SystemExit):
         _parse("--pool-sessions", "4")  # fewer than the saturating connections
+    with pytest.raises(SystemExit):
+        _parse("--rows", "json.c1.h7")
+    with pytest.raises(SystemExit):
+        _parse("--memory-sessions", "-1")
+
+
+def test_rows_cover_the_issue_matrix() -> None:
+    by_id = {spec.id: spec for spec in gb.ROWS}
+    assert len(by_id) == len(gb.ROWS)  # ids are unique
+    hot = [s for s in gb.ROWS if s.kind == "json" and s.tier == "hot" and s.identity]
+    assert {s.history for s in hot} == {0, 50, 500, 10_000}
+    assert {s.connections for s in hot if s.history == 50} == {1, 4, 16, 32, 64}
+    for tier in ("warm", "cold"):
+        rows = [s for s in gb.ROWS if s.tier == tier]
+        assert {(s.connections, s.history) for s in rows} == {(1, 50), (32, 50)}
+        assert all(s.gateway == tier for s in rows)
+    assert by_id["json.c1.h10000"].gateway == "big" and by_id["json.c1.h500"].gateway == "hot"
+    assert by_id["json.c32.h50.warm"].label == "JSON c=32 t=2, 50 msgs warm"
+    assert by_id["json.c32.noid"].label == "JSON c=32 t=2, no identity"
+    # The load sweep has a pool of its own; c=1/c=32 share one.
+    assert by_id["json.c4.h50"].pool_key == by_id["json.c64.h50"].pool_key
+    assert by_id["json.c4.h50"].pool_key != by_id["json.c1.h50"].pool_key
+    assert by_id["json.c1.h50"].pool_key == by_id["json.c32.h50"].pool_key
+    # --quick keeps one row per code path, and the JSON row the streaming cost needs.
+    assert set(gb.QUICK_ROW_IDS) < set(gb.ROW_IDS)
+    assert {"json.c1.h10000", "json.c1.h50.warm", "json.c1.h50.cold", "json.c16.h50"} <= set(
+        gb.QUICK_ROW_IDS
+    )
+
+
+def test_pool_sizing() -> None:
+    assert gb.growth_turns(50) == 5 and gb.growth_turns(500) == 25
+    assert gb.skip_budget([1, 32], warmup=True) == 66
+    assert gb.skip_budget([1, 32], warmup=False) == 33
+    # From the expected requests, within bounds, even.
+    assert gb.pool_size(10_000, 50, 66) == 2000
+    assert gb.pool_size(10_000, 500, 66) == 400
+    assert gb.pool_size(10, 50, 1) == gb.MIN_POOL
+    assert gb.pool_size(10**9, 50, 1) == gb.MAX_POOL
+    assert gb.pool_size(10**9, 50, 1, ceiling=400) == 400
+    # Never fewer than twice the sessions runs may skip (wrk_script refuses half the pool).
+    assert gb.pool_size(0, 10_000, 18, minimum=8) == 40
+    assert gb.pool_size(0, 10_000, 1, minimum=8) == 8
+    assert gb.pool_size(0, 50, 300) == 604
+    assert gb.pool_size(1001, 50, 0, minimum=1) % 2 == 0
+
+
+def test_reads_per_request_and_tier_notes() -> None:
+    deltas = {"store.hot_hits": 100, "store.warm_hits": 0, "store.promotions": 0}
+    reads = gb.reads_per_request(deltas, 100)
+    assert reads == {"hot": 1.0, "warm": 0.0, "cold": 0.0}
+    assert gb.tier_note("hot", reads) == ""
+    assert gb.tier_note("warm", reads) == "only 0% of reads were warm hits"
+    warm = gb.reads_per_request({"store.warm_hits": 99, "store.hot_hits": 1}, 100)
+    assert gb.tier_note("warm", warm) == ""
+    leaky = gb.reads_per_request({"store.warm_hits": 100, "store.hot_hits": 30}, 100)
+    assert gb.tier_note("warm", leaky) == "reads also from the hot tier"
+    # A cold row: the writer loads the session once more per turn (2 loads per request).
+    cold = gb.reads_per_request({"store.promotions": 200}, 100)
+    assert cold["cold"] == 2.0 and gb.tier_note("cold", cold) == ""
+    evicted = gb.reads_per_request({"store.hot_hits": 100, "store.promotions": 20}, 100)
+    assert gb.tier_note("hot", evicted) == "reads also from the cold tier"
+    assert gb.reads_per_request({}, 0) == {} and gb.tier_note("hot", {}) == ""
 
 
 def _http_filter_names(config: dict[str, Any]) -> list[str]:
@@ -264,7 +338,7 @@ def _child_pids() -> list[int]:
     return gb.child_pids(os.getpid())
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)
 def test_quick_run_reports_every_row_and_stops_everything(tmp_path: Path) -> None:
     try:
         gb.ensure_wrk()
@@ -273,13 +347,17 @@ def test_quick_run_reports_every_row_and_stops_everything(tmp_path: Path) -> Non
     children_before = set(_child_pids())
     out = tmp_path / "out" / "gateway.json"
     keep = tmp_path / "work"
-    assert gb.run(_parse("--quick", "--json", str(out), "--keep-dir", str(keep))) == 0
+    plots_dir = tmp_path / "plots"
+    argv = ("--quick", "--json", str(out), "--keep-dir", str(keep), "--plots", str(plots_dir))
+    assert gb.run(_parse(*argv)) == 0
     result = json.loads(out.read_text())
 
     assert result["error"] is None and result["quick"] is True
     assert result["machine"]["envoy"] and result["machine"]["wrk"]
     rows = result["rows"]
-    assert [row["id"] for row in rows] == list(gb.ROW_IDS)
+    warm_ran = not any("warm rows skipped" in note for note in result["notes"])
+    expected = [r for r in gb.QUICK_ROW_IDS if warm_ran or not r.endswith(".warm")]
+    assert [row["id"] for row in rows] == expected
     for row in rows:
         for side in ("baseline", "sessiongate"):
             m = row[side]
@@ -303,9 +381,35 @@ def test_quick_run_reports_every_row_and_stops_everything(tmp_path: Path) -> Non
             # The history really went upstream: the provider got far bigger requests.
             assert gate["upstream_request_bytes"] > 5 * row["baseline"]["upstream_request_bytes"]
             assert gate["history_messages_mean"] >= row["history_messages"]
+            # ... all of it (the 10,000-message rows' window is raised for that).
+            injected = gate["injected_messages_mean"]
+            assert injected >= 0.98 * gate["history_messages_mean"], row["id"]
+            # Each read came from the tier the row is named after (sessiongate's counters).
+            assert gate["reads_per_request"][row["tier"]] >= 0.98, (row["id"], gate["counters"])
+            assert "reads were" not in gate["note"] and "reads also" not in gate["note"]
         if row["kind"] == "sse":
             assert gate["stream_us"]["total_p50"] > 0
+            assert "added_event_gap_share" in row["extra"]
+            assert "capture_cpu_us_per_chunk" in row["extra"], row["id"]
+    by_id = {row["id"]: row for row in rows}
+    big = by_id["json.c1.h10000"]["sessiongate"]
+    assert big["upstream_request_bytes"] > 1_000_000  # ~10,000 messages went upstream
     assert {t["status"] for t in result["targets"]} <= {"PASS", "MISS"}
-    assert len(result["targets"]) == 8
+    names = {t["name"] for t in result["targets"]}
+    assert len(result["targets"]) == 12, names
+    assert any("10,000 msgs" in n for n in names) and any("per chunk" in n for n in names)
+    memory = result["memory"]
+    assert memory["sessions"] == gb.QUICK_MEMORY_SESSIONS
+    assert memory["hot_sessions"] >= memory["sessions"]
+    assert memory["rss_after_bytes"] > memory["rss_before_bytes"] > 0
+    if result["plots"]:
+        assert {Path(p).name for p in result["plots"]} == {
+            plots.LOAD_FILE,
+            plots.SIZE_FILE,
+        }
+        assert all(Path(p).read_bytes().startswith(b"\x89PNG") for p in result["plots"])
+    # The warm rows' Redis keys are gone.
+    if warm_ran:
+        assert result["machine"]["redis_keys_removed"] > 0
     # Every process the benchmark started is gone.
     assert set(_child_pids()) <= children_before
