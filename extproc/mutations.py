@@ -110,8 +110,8 @@ def turn_metadata(
     turn_id: str, affinity: str = "", context: Mapping[str, str | int] | None = None
 ) -> Any:
     """For the capture filter: the turn id, and the affinity key its gRPC stream hashes; for the
-    route (response headers, access logs): the request's context figures (`context_*` keys,
-    numbers as strings so `%DYNAMIC_METADATA(sessiongate:...)%` prints them as integers)."""
+    route (response headers, access logs): the request's context figures (`context_*` keys;
+    numbers stay numbers, which `%DYNAMIC_METADATA(sessiongate:...)%` prints as integers)."""
     metadata = struct_pb2.Struct()
     namespace = metadata.get_or_create_struct(METADATA_NAMESPACE)
     namespace["turn_id"] = turn_id
@@ -119,7 +119,7 @@ def turn_metadata(
         namespace[AFFINITY_KEY] = affinity
     if context:
         for key, value in context.items():
-            namespace[key] = str(value)
+            namespace[key] = value
     return metadata
 
 

@@ -71,6 +71,8 @@ class HistoryIndex:
     messages: array[int] = field(default_factory=lambda: array("q", [0]))
     clean: bytearray = field(default_factory=bytearray)
     last_system: int = -1  # index of the newest turn with a system prompt
+    last_start: int = -1  # the previous request's first injected turn (-1: none yet)
+    last_dropped: dict[str, int] = field(default_factory=dict)  # and why the rest went
 
     @property
     def n(self) -> int:
@@ -178,7 +180,11 @@ def select(
     total = sums[n]
     if budget < 0:
         return Selection(n, not must_keep_last, 0, {WINDOW_TOKENS: n} if n else {})
-    by_tokens = quantized_start(sums, budget, int(budget * step_fraction))
+    step_tokens = int(budget * step_fraction)
+    kept = _keep_previous(index, budget, step_tokens, max_messages, must_keep_last)
+    if kept is not None:
+        return kept
+    by_tokens = quantized_start(sums, budget, step_tokens)
     start = by_tokens
     by_messages = 0
     if max_messages > 0:
@@ -206,4 +212,30 @@ def select(
         dropped[WINDOW_MESSAGES] = by_messages - by_tokens
     if start > cut:
         dropped[TOOL_PAIRING] = start - cut
+    index.last_start, index.last_dropped = start, dropped
     return Selection(start, True, total - sums[start], dropped)
+
+
+def _keep_previous(
+    index: HistoryIndex, budget: int, step: int, max_messages: int, must_keep_last: bool
+) -> Selection | None:
+    """The previous request's cut, while it still fits and wastes under two steps.
+
+    The quantized cut depends on the budget, which moves with the size of each request's own
+    messages: near a step boundary, a short request after a long one would move the cut back and
+    forth. Keeping the previous cut while it stays valid removes that jitter (the cut only ever
+    moves forward, a block at a time); the waste bound lets it follow a budget that grew for
+    good (a bigger model, a smaller max_tokens). State is per process and per session index,
+    and only an optimisation: without it the cut is the quantized one.
+    """
+    start, n = index.last_start, index.n
+    if start < 0 or start > n:
+        return None
+    kept = index.tokens[n] - index.tokens[start]
+    if kept > budget or (start > 0 and kept <= budget - 2 * max(step, 1)):
+        return None
+    if max_messages > 0 and index.messages[n] - index.messages[start] > max_messages:
+        return None
+    if must_keep_last and n and start > max(index.clean.rfind(1, 0, n), 0):
+        return None
+    return Selection(start, True, kept, dict(index.last_dropped))

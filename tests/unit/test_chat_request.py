@@ -370,6 +370,37 @@ def test_request_alone_too_big_drops_all_but_keeps_request() -> None:
     assert messages_of(raw) == [user("y" * 500)]
 
 
+def test_size_limit_never_leaves_tool_results_without_their_calls() -> None:
+    """The byte-size safety net cuts like the context window: a tool call's results go with
+    it, even when that means dropping one more turn than the size needs."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "x" * 300}}
+    history = [
+        turn(0, reply="x" * 10),
+        Turn("t1", (user("use it"),), {"role": "assistant", "content": None, "tool_calls": [call]}),
+        Turn(
+            "t2",
+            ({"role": "tool", "tool_call_id": "c1", "content": "42"}, user("thanks")),
+            assistant("done"),
+        ),
+        turn(3, reply="y" * 10),
+    ]
+    req = parse_request(body_bytes([user("now")]))
+    full, _ = build_body(req, history, BIG)
+    raw, dropped = build_body(req, history, len(full) - 320)  # t0 and t1 must go for size
+    assert dropped == 3  # t2 starts with t1's results: it goes too
+    assert messages_of(raw) == [*history[3].messages(), user("now")]
+
+
+def test_selected_history_and_system_given_by_the_caller() -> None:
+    """Rewrite passes the turns extproc.context selected and the system prompt it chose (the
+    pinned prompt can come from a turn that is no longer injected)."""
+    history = [turn(0, sys=(system("pinned"),)), turn(1), turn(2)]
+    req = parse_request(body_bytes([user("now")]))
+    raw, dropped = build_body(req, history[2:], BIG, (system("pinned"),))
+    assert dropped == 0
+    assert messages_of(raw) == [system("pinned"), *history[2].messages(), user("now")]
+
+
 def test_pinned_system_kept_when_its_turn_dropped() -> None:
     history = [turn(0, sys=(system("pinned"),), reply="x" * 200), turn(1, reply="x" * 10)]
     req = parse_request(body_bytes([user("now")]))

@@ -242,3 +242,23 @@ def test_never_exceeds_the_window_because_of_injection(
     else:
         assert provider_tokens(sent) + reserve <= 4096
         assert sent[-1] == new[0]
+
+
+# --- what rewrite hands Envoy ----------------------------------------------------------------
+
+
+def test_context_figures_go_to_the_sessiongate_metadata_namespace() -> None:
+    from extproc import mutations
+
+    figures: dict[str, str | int] = {"context_outcome": "trimmed", "context_history_injected": 2400}
+    replaced = mutations.request_body_replaced(b"{}", "turn-1", "aff", figures)
+    namespace = replaced.dynamic_metadata.fields["sessiongate"].struct_value.fields
+    assert namespace["turn_id"].string_value == "turn-1"
+    assert namespace["context_outcome"].string_value == "trimmed"
+    assert namespace["context_history_injected"].number_value == 2400
+    kept = mutations.request_body_kept("turn-2", "aff", figures)
+    assert not kept.request_body.response.HasField("body_mutation")  # the body goes unchanged
+    assert not kept.request_body.response.HasField("header_mutation")
+    fields = kept.dynamic_metadata.fields["sessiongate"].struct_value.fields
+    assert fields["turn_id"].string_value == "turn-2"
+    assert fields["context_outcome"].string_value == "trimmed"

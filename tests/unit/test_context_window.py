@@ -323,3 +323,49 @@ def test_index_cache_bounded_by_turns() -> None:
 )
 def test_starts_clean(messages: list[dict[str, Any]], clean: bool) -> None:
     assert starts_clean(messages) is clean
+
+
+def test_cut_does_not_jitter_with_the_request_size() -> None:
+    """The budget moves with each request's own size; the cut stays where it was while it
+    still fits, so it only ever moves forward, a block at a time."""
+    history = [text_turn(i, words=8) for i in range(60)]  # 10 tokens a turn here
+    index = index_of(history)
+    starts = []
+    for n, wobble in enumerate([0, 30, -30, 25, -25, 0, 40, -10] * 4):
+        index.extend([text_turn(100 + n, words=8)], info)
+        starts.append(select(index, 300 + wobble, step_fraction=0.2).start)
+    assert starts == sorted(starts)
+    # 320 tokens of growth in steps of about 55 tokens: 6 moves, 7 distinct cuts at most.
+    assert len(set(starts)) <= 7
+
+
+def test_previous_cut_given_up_when_the_budget_grows_for_good() -> None:
+    history = [text_turn(i, words=8) for i in range(60)]
+    index = index_of(history)
+    small = select(index, 200, step_fraction=0.2)
+    large = select(index, 600, step_fraction=0.2)
+    assert large.start < small.start
+    assert large.tokens > 600 - 2 * 120
+    again = select(index, 150, step_fraction=0.2)  # shrinks: moves forward at once
+    assert again.tokens <= 150 and again.start > large.start
+
+
+@given(
+    conversation=conversations(),
+    budgets=st.lists(st.integers(0, 300), min_size=2, max_size=6),
+    fraction=st.floats(0.05, 1.0),
+)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_repeated_selections_stay_valid(
+    conversation: tuple[list[Turn], tuple[Message, ...]], budgets: list[int], fraction: float
+) -> None:
+    """Whatever the previous cut was, each selection is within its own budget, orphan-free."""
+    history, new = conversation
+    index = index_of(history)
+    for budget in budgets:
+        chosen = select(index, budget, step_fraction=fraction, must_keep_last=not starts_clean(new))
+        if not chosen.fits:
+            continue
+        kept = history[chosen.start :]
+        assert chosen.tokens == sum(weight(t) for t in kept) <= budget
+        assert tool_errors([m for t in kept for m in t.messages()] + list(new)) == []
