@@ -130,6 +130,10 @@ class Settings:
     context_max_messages: int = 0  # at most this many history messages (whole turns); 0: off
     # Tokens counted per image part (`detail: low` parts: 85).
     context_image_tokens: int = 765
+    # Key facts the user stated in turns the window left out (names, "my X is Y", preferences,
+    # decisions, dates) go in a system message after the system prompt, within this fraction
+    # of the history budget; 0: off.
+    context_facts_share: float = 0.1
     # [context.models."<model>"] window / max_output / margin / family / reasoning.
     context: dict[str, Any] = field(default_factory=dict)
 
@@ -435,6 +439,8 @@ def _validate_context(s: Settings) -> None:
         raise ConfigError("context_max_messages: 0 (no limit) or more messages")
     if s.context_image_tokens < 0:
         raise ConfigError("context_image_tokens: 0 or more tokens")
+    if not 0 <= s.context_facts_share <= 0.5:
+        raise ConfigError("context_facts_share: a fraction of the history budget, 0 to 0.5")
     from extproc.context.models import ModelTable
 
     try:  # Settings built directly (not from a file) are checked too

@@ -47,6 +47,7 @@ def context_settings(settings: Settings) -> ContextSettings:
         step=settings.context_step,
         max_messages=settings.context_max_messages,
         image_tokens=settings.context_image_tokens,
+        facts_share=settings.context_facts_share,
         models=settings.context.get("models", {}),
     )
 
@@ -225,6 +226,9 @@ class Rewriter:
             injected, prompt = max(injected - cut, 0), max(prompt - cut, 0)
         inc("context.history_tokens_available", max(plan.available, 0))
         inc("context.history_tokens_injected", injected)
+        if plan.facts:
+            inc("context.facts_injected", plan.facts)
+            inc("context.facts_tokens_injected", plan.facts_tokens)
         return {
             "context_outcome": plan.outcome if not size_dropped else "trimmed",
             "context_window": plan.window,
@@ -234,6 +238,8 @@ class Rewriter:
             "context_turns_injected": injected_turns,
             "context_turns_dropped": sum(dropped.values()),
             "context_dropped_by": ",".join(f"{k}:{v}" for k, v in sorted(dropped.items())),
+            "context_facts": plan.facts,
+            "context_facts_tokens": plan.facts_tokens,
             "context_prompt_estimate": prompt,
         }
 

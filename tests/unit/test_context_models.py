@@ -153,6 +153,8 @@ def test_bad_context_tables_name_the_problem(text: str, message: str) -> None:
         ({"context_output_tokens": "-5"}, "context_output_tokens"),
         ({"context_reasoning_output_tokens": "-5"}, "context_reasoning_output_tokens"),
         ({"context_image_tokens": "-1"}, "context_image_tokens"),
+        ({"context_facts_share": "0.9"}, "context_facts_share"),
+        ({"context_facts_share": "-0.1"}, "context_facts_share"),
     ],
 )
 def test_bad_context_settings(flags: dict[str, str], setting: str) -> None:
