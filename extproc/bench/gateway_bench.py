@@ -179,6 +179,10 @@ MAX_GROWTH_TURNS: Final = 5  # a pool: at most this many turns (or 10%) added pe
 MIN_POOL: Final = 160  # the skipped sessions (<= connections per run) must stay a minority
 MIN_SEEDED_POOL: Final = 8
 MAX_POOL: Final = 20_000
+# A forked pool stays within half of the default hot tier (256 MiB), at ~500 bytes per stored
+# message by the hot tier's own estimate, or the rotation would evict what it reads next.
+POOL_HOT_BYTES: Final = 128 * 1024 * 1024
+HOT_BYTES_PER_MESSAGE: Final = 500
 QUICK_MAX_POOL: Final = 400
 PREP_CONNECTIONS: Final = 8
 OTHER_CPU_NOTE: Final = 0.15  # CPUs used by unrelated processes that earn a row a note
@@ -254,7 +258,8 @@ ROWS: Final = (
     _json(_SAT, 0, identity=False),
     _json(1, HISTORY_MESSAGES),
     _json(_SAT, HISTORY_MESSAGES),
-    *(_json(c, HISTORY_MESSAGES, group="load") for c in LOAD_CONCURRENCIES if c not in (1, _SAT)),
+    # A pool each: one pool for all three would outgrow the hot tier (256 MB by default).
+    *(_json(c, HISTORY_MESSAGES, group=f"c{c}") for c in LOAD_CONCURRENCIES if c not in (1, _SAT)),
     _json(1, 500),
     _json(_SAT, 500),
     _json(1, BIG_HISTORY),
@@ -1054,6 +1059,13 @@ class Side:
     idle_cpu_per_s: dict[str, float] = field(default_factory=dict)
 
 
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return process_cpu_s(pid)
+    except (OSError, ValueError, IndexError):  # exited meanwhile
+        return 0.0
+
+
 def _client(side: Side) -> Client:
     return Client(side.port, side.ssl_context, api_key=API_KEY, path=CHAT_PATH)
 
@@ -1198,8 +1210,11 @@ class _Bench:
 
     def _cpu_snapshot(self, side: Side) -> dict[str, float]:
         machine = machine_cpu()
+        proxy = process_cpu_s(side.envoy_pid)
+        if not side.envoy_admin:  # not an Envoy (LiteLLM): its worker processes too, if any
+            proxy += sum(_cpu_or_zero(pid) for pid in child_pids(side.envoy_pid))
         snapshot = {
-            "envoy": process_cpu_s(side.envoy_pid),
+            "envoy": proxy,
             "provider": process_cpu_s(self.provider_pid),
             "children": children_cpu_s(),
             "self": self_cpu_s(),
@@ -1619,6 +1634,9 @@ class _Bench:
         if options.pool_sessions is not None:
             return max(options.pool_sessions, 2 * budget + 4)
         ceiling = QUICK_MAX_POOL if options.quick else MAX_POOL
+        if spec.tier == "hot":
+            fits = POOL_HOT_BYTES // (max(spec.history, 1) * HOT_BYTES_PER_MESSAGE)
+            ceiling = min(ceiling, max(MIN_POOL, fits))
         return pool_size(expected, spec.history, budget, ceiling=ceiling)
 
     async def prepare_pool(self, side: Side, spec: RowSpec, label: str) -> Pool:
