@@ -132,7 +132,7 @@ class Settings:
     context_image_tokens: int = 765
     # Key facts the user stated in turns the window left out (names, "my X is Y", preferences,
     # decisions, dates) go in a system message after the system prompt, within this fraction
-    # of the history budget; 0: off.
+    # of the prompt the window allows (less the system prompt); 0: off.
     context_facts_share: float = 0.1
     # [context.models."<model>"] window / max_output / margin / family / reasoning.
     context: dict[str, Any] = field(default_factory=dict)
@@ -440,7 +440,7 @@ def _validate_context(s: Settings) -> None:
     if s.context_image_tokens < 0:
         raise ConfigError("context_image_tokens: 0 or more tokens")
     if not 0 <= s.context_facts_share <= 0.5:
-        raise ConfigError("context_facts_share: a fraction of the history budget, 0 to 0.5")
+        raise ConfigError("context_facts_share: a fraction of the prompt budget, 0 to 0.5")
     from extproc.context.models import ModelTable
 
     try:  # Settings built directly (not from a file) are checked too

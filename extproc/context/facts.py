@@ -14,16 +14,19 @@ the earlier one, so "my name is Ann" ... "actually, call me Annie" leaves only t
   keyed by the sentence itself (repeats are stated once; changes are not detected).
 
 Facts are only injected for turns the window left out (the rest are in the messages already),
-as one system message after the system prompt, newest facts first within their share of the
-budget (`context_facts_share`).
+as one system message after the system prompt, newest facts first within their share
+(`context_facts_share`) of the prompt tokens the window allows besides the system prompt. The
+share is taken from the history budget (history + facts never exceed it) and does not move with
+the size of each request, so neither does the facts message.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from extproc.tokens import TOKENS_PER_MESSAGE, count_text
 from store.model import Message, Turn
 
 MAX_FACT_CHARS = 200
@@ -65,6 +68,11 @@ _NOT_NAMES = frozenset({"not", "sure", "sorry", "so", "just", "also", "still", "
 class Fact:
     key: str
     text: str
+    # Its line in the facts message (`- text` and the newline), counted once when extracted.
+    tokens: int = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokens", count_text(self.text) + 2)
 
 
 def _user_texts(messages: Iterable[Message]) -> Iterable[str]:
@@ -141,6 +149,22 @@ def latest(facts: Sequence[tuple[int, Fact]], before: int) -> list[Fact]:
         chosen.pop(fact.key, None)  # re-inserted: the order follows each key's latest statement
         chosen[fact.key] = fact
     return list(chosen.values())
+
+
+def header_tokens() -> int:
+    """The facts message without any fact: framing, role and header."""
+    return TOKENS_PER_MESSAGE + 1 + count_text(HEADER)
+
+
+def newest_within(facts: Sequence[Fact], cap: int) -> list[Fact]:
+    """The newest facts whose lines fit `cap` tokens with the header, oldest first (an
+    estimate from per-line counts; the caller counts the message it builds)."""
+    total = header_tokens()
+    start = len(facts)
+    while start > 0 and total + facts[start - 1].tokens <= cap:
+        start -= 1
+        total += facts[start].tokens
+    return list(facts[start:])
 
 
 def message(facts: Sequence[Fact], role: str = "system") -> Message:

@@ -2,7 +2,7 @@
 
 Injection order (DESIGN, context rules): the system prompt (the request's own system/developer
 messages, else the session's pinned one: counted once, never both), then the key facts of the
-turns left out (`facts`, one system message within `facts_share` of the history budget), then
+turns left out (`facts`, one system message within `facts_share` of the prompt), then
 history, then the request's new messages. What is dropped, in order: the oldest history turns
 (sliding window, `window.select`), the oldest facts, then the pinned system prompt. A request
 that does not fit even on its own is sent unchanged: sessiongate never makes a request exceed
@@ -48,7 +48,7 @@ class ContextSettings:
     step: float = 0.2
     max_messages: int = 0
     image_tokens: int = 765
-    facts_share: float = 0.1  # at most this fraction of the history budget for key facts
+    facts_share: float = 0.1  # at most this fraction of the prompt (less its system prompt)
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
@@ -148,9 +148,12 @@ class ContextManager:
         )
         if s.facts_share > 0 and index.facts and must_cut:
             # History must be cut, so the facts of the turns cut may be needed: reserve their
-            # share up front (never more than all the session's facts take).
-            everything = self._facts(index, n, 1 << 62)[1]
-            facts_cap = min(int(budget.history * s.facts_share), everything)
+            # share up front, never more than all the session's facts take. The share is of
+            # what the window leaves besides the system prompt, not of the history budget, so
+            # it does not move with the size of each request (nor the facts message with it).
+            share = int((budget.usable - budget.system) * s.facts_share)
+            everything = key_facts.header_tokens() + self._facts_total(index)
+            facts_cap = max(0, min(share, everything, budget.history))
         chosen = select(
             index,
             budget.history - facts_cap,
@@ -187,15 +190,24 @@ class ContextManager:
             **common,
         )
 
+    def _facts_total(self, index: HistoryIndex) -> int:
+        """Tokens of the lines of all the session's current facts (memoised until a new one)."""
+        memo_key = (-1, len(index.facts))
+        found = index.facts_memo.get(memo_key)
+        if found is None:
+            total = sum(f.tokens for f in key_facts.latest(index.facts, index.n))
+            found = index.facts_memo[memo_key] = (None, total)
+        return found[1]
+
     def _facts(self, index: HistoryIndex, before: int, cap: int) -> tuple[Message | None, int]:
-        """The key facts message for turns [0, before) within `cap` tokens (oldest facts go
-        first), and its tokens; memoised per session until the history or the cut changes."""
-        # Every fact is from a turn before n: "all of them" does not change as history grows.
-        memo_key = (before if before < index.n else -1, cap, len(index.facts))
+        """The key facts message for turns [0, before): the newest facts that fit `cap`
+        tokens, and its tokens. Memoised per session, so a request tokenizes it only when the
+        cut moves, a fact is added or the cap changes (a share of the window: seldom)."""
+        memo_key = (before, len(index.facts), cap)
         found = index.facts_memo.get(memo_key)
         if found is not None:
             return found
-        facts = key_facts.latest(index.facts, before)
+        facts = key_facts.newest_within(key_facts.latest(index.facts, before), cap)
         image = self.settings.image_tokens
         message, tokens = None, 0
         while facts:
@@ -203,12 +215,9 @@ class ContextManager:
             tokens = count_message(message, image)
             if tokens <= cap:
                 break
-            # Drop the oldest facts, about as many as the excess needs, at least one.
-            excess = tokens - cap
-            drop = max(1, len(facts) * excess // max(tokens, 1))
-            facts = facts[drop:]
+            facts = facts[1:]  # the per-line estimate was short (rare): one fewer
             message, tokens = None, 0
-        if len(index.facts_memo) > 8:
+        if len(index.facts_memo) > 16:
             index.facts_memo.clear()
         index.facts_memo[memo_key] = (message, tokens)
         return message, tokens

@@ -108,6 +108,12 @@ def turn(n: int, text: str | None = None, sys: tuple[Message, ...] = ()) -> Turn
     )
 
 
+def usable(plan: Any) -> int:
+    """Prompt tokens the 4096 window leaves (margin 0 for this model): the facts' share is of
+    that, so it does not move with each request's size."""
+    return int(plan.window - plan.reserved_output)
+
+
 def run(cm: ContextManager, history: list[Turn], new: list[Message]) -> tuple[Any, list[Message]]:
     req = parse_request(orjson.dumps({"model": "small", "messages": new}))
     plan = cm.plan("s", req.body, req.model, req.system_messages, req.new_messages, history)
@@ -129,11 +135,11 @@ def test_facts_of_dropped_turns_follow_the_system_prompt() -> None:
     assert sent[0] == pinned[0]
     assert sent[1] == {
         "role": "developer",
-        "content": f"{HEADER}\n- My name is Zoltan.\n"
-        "- We decided the launch date is 2026-03-14.",
+        "content": f"{HEADER}\n- My name is Zoltan.\n- We decided the launch date is 2026-03-14.",
     }
     assert plan.facts == 2 and plan.facts_tokens > 0
-    assert plan.facts_tokens <= 0.1 * plan.available
+    assert plan.facts_tokens <= 0.1 * usable(plan)
+    assert plan.facts_tokens + plan.injected <= plan.available
     assert count_prompt_tokens(ENCODING, sent) + plan.reserved_output <= 4096
     assert plan.prompt_tokens == count_prompt_tokens(ENCODING, sent)
 
@@ -156,7 +162,7 @@ def test_newest_facts_kept_within_their_share() -> None:
     facts_message = sent[0]["content"]
     assert facts_message.startswith(HEADER)
     assert 0 < plan.facts < plan.total_turns - len(plan.turns)  # not all of them fit
-    assert plan.facts_tokens <= 0.05 * plan.available
+    assert plan.facts_tokens <= 0.05 * usable(plan)
     dropped = plan.total_turns - len(plan.turns)
     assert f"item {dropped - 1} goes" in facts_message  # the newest of the dropped turns
     assert "item 0 goes" not in facts_message
@@ -179,4 +185,19 @@ def test_facts_never_push_a_request_past_the_window(
     ]
     plan, sent = run(manager(facts_share=share), history, [user("q " * words)])
     assert count_prompt_tokens(ENCODING, sent) + plan.reserved_output <= 4096
-    assert plan.facts_tokens <= share * plan.available + 1
+    assert plan.facts_tokens <= share * usable(plan)
+    assert plan.facts_tokens + plan.injected <= plan.available
+
+
+def test_facts_message_stays_put_while_the_cut_does() -> None:
+    """Prompt caching: requests of varying size do not change the facts message; it changes
+    only with the cut (when more turns, and their facts, leave the window)."""
+    cm = manager()
+    history = [turn(i, f"Remember that box {i} holds item {i}.") for i in range(120)]
+    seen: dict[str, set[str]] = {}
+    for n in range(60):
+        plan, sent = run(cm, history, [user("q " * (5 + 37 * (n % 4)))])
+        assert sent[0]["content"].startswith(HEADER)
+        seen.setdefault(plan.turns[0].turn_id, set()).add(sent[0]["content"])
+        history.append(turn(200 + n))
+    assert len(seen) > 1 and all(len(messages) == 1 for messages in seen.values())
