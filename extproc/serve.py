@@ -6,15 +6,35 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from extproc.config import Settings
 from extproc.identity import IdentityError
-from extproc.runtime import start_ext_proc
+from extproc.runtime import ExtProcService, start_ext_proc
 
 log = logging.getLogger(__name__)
 
 
 async def run_serve(settings: Settings) -> int:
+    def announce(service: ExtProcService) -> None:
+        host = settings.grpc_listen.rpartition(":")[0]
+        if service.metrics_port:
+            metrics_host = settings.metrics_listen.rpartition(":")[0]
+            print(
+                f"sessiongate: counters at http://{metrics_host}:{service.metrics_port}/metrics",
+                file=sys.stderr,
+                flush=True,
+            )
+        print(f"ready grpc://{host}:{service.port}", flush=True)
+
+    return await serve_until_stopped(settings, announce)
+
+
+async def serve_until_stopped(
+    settings: Settings, announce: Callable[[ExtProcService], None]
+) -> int:
+    """Start the ext_proc service, `announce` it, serve until SIGINT/SIGTERM, stop cleanly.
+    Shared by `serve` and `up`'s extra workers (extproc.workers)."""
     try:
         service = await start_ext_proc(settings, create_key=False)
     except IdentityError as exc:
@@ -24,15 +44,7 @@ async def run_serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    host = settings.grpc_listen.rpartition(":")[0]
-    if service.metrics_port:
-        metrics_host = settings.metrics_listen.rpartition(":")[0]
-        print(
-            f"sessiongate: counters at http://{metrics_host}:{service.metrics_port}/metrics",
-            file=sys.stderr,
-            flush=True,
-        )
-    print(f"ready grpc://{host}:{service.port}", flush=True)
+    announce(service)
     try:
         await stop.wait()
     finally:

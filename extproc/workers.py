@@ -24,16 +24,19 @@ import dataclasses
 import logging
 import os
 import pickle
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import uvloop
 
 from extproc.config import Settings
+
+if TYPE_CHECKING:
+    from extproc.runtime import ExtProcService
 
 log = logging.getLogger(__name__)
 
@@ -152,19 +155,12 @@ async def worker_counters(workers: Sequence[Worker]) -> dict[str, int]:
 
 
 async def _serve(settings: Settings) -> int:
-    from extproc.runtime import start_ext_proc
+    from extproc.serve import serve_until_stopped
 
-    service = await start_ext_proc(settings, create_key=False)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"{READY_PREFIX}{service.port} {service.metrics_port or 0}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await service.stop()
-    return 0
+    def announce(service: ExtProcService) -> None:
+        print(f"{READY_PREFIX}{service.port} {service.metrics_port or 0}", flush=True)
+
+    return await serve_until_stopped(settings, announce)
 
 
 def main(argv: Sequence[str]) -> int:
