@@ -154,13 +154,23 @@ class ContextManager:
             share = int((budget.usable - budget.system) * s.facts_share)
             everything = key_facts.header_tokens() + self._facts_total(index)
             facts_cap = max(0, min(share, everything, budget.history))
+        must_keep_last = not starts_clean(new_messages)
         chosen = select(
             index,
             budget.history - facts_cap,
             step_fraction=s.step,
             max_messages=s.max_messages,
-            must_keep_last=not starts_clean(new_messages),
+            must_keep_last=must_keep_last,
         )
+        if not chosen.fits and facts_cap:  # the tool exchange in progress outranks the facts
+            facts_cap = 0
+            chosen = select(
+                index,
+                budget.history,
+                step_fraction=s.step,
+                max_messages=s.max_messages,
+                must_keep_last=must_keep_last,
+            )
         if not chosen.fits:
             return ContextPlan(
                 TOOL_EXCHANGE_TOO_LARGE,

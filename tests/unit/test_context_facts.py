@@ -201,3 +201,18 @@ def test_facts_message_stays_put_while_the_cut_does() -> None:
         seen.setdefault(plan.turns[0].turn_id, set()).add(sent[0]["content"])
         history.append(turn(200 + n))
     assert len(seen) > 1 and all(len(messages) == 1 for messages in seen.values())
+
+
+def test_the_tool_exchange_in_progress_outranks_the_facts() -> None:
+    """When the calls a request answers only fit without the facts' share, the facts go."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "x " * 2500}}
+    many = " ".join(f"Remember that box {i} holds item {i}." for i in range(60))  # ~700 tokens
+    history = [
+        turn(0, many),
+        Turn("tc", (user("go"),), {"role": "assistant", "content": None, "tool_calls": [call]}),
+    ]
+    result: Message = {"role": "tool", "tool_call_id": "c", "content": "42"}
+    plan, sent = run(manager(facts_share=0.5), history, [result])
+    assert plan.outcome == "trimmed" and plan.facts == 0
+    assert sent[-2]["tool_calls"] == [call] and sent[-1] == result
+    assert count_prompt_tokens(ENCODING, sent) + plan.reserved_output <= 4096
