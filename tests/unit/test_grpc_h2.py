@@ -36,6 +36,10 @@ class Servicer:
         self.finished: list[str] = []
         self.seen: list[int] = []
 
+    def observe(self, _first: Any) -> None:
+        """No observer: every call runs through Process (the observer path has its own tests)."""
+        return None
+
     async def Process(self, requests: AsyncIterator[Any], _context: Any) -> AsyncIterator[Any]:
         outcome = "returned"
         try:
