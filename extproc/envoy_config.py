@@ -230,6 +230,19 @@ def _disabled_filters() -> dict[str, Any]:
     return {REWRITE_FILTER: disabled, CAPTURE_FILTER: disabled}
 
 
+# Response header -> key of rewrite's dynamic metadata (namespace `sessiongate`).
+CONTEXT_HEADERS = {
+    "x-sessiongate-context": "context_outcome",
+    "x-sessiongate-context-window": "context_window",
+    "x-sessiongate-history-available": "context_history_available",
+    "x-sessiongate-history-injected": "context_history_injected",
+    "x-sessiongate-turns-injected": "context_turns_injected",
+    "x-sessiongate-turns-dropped": "context_turns_dropped",
+    "x-sessiongate-dropped-by": "context_dropped_by",
+    "x-sessiongate-facts": "context_facts",
+}
+
+
 def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
     action = {
         "cluster": UPSTREAM_CLUSTER,
@@ -247,6 +260,16 @@ def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
         # buffer, so its limit is the rewritten maximum; sessiongate itself answers 413 above
         # max_body_bytes (Envoy's own 413 only covers HTTP/1.1 clients).
         "request_body_buffer_limit": settings.upstream_body_limit,
+        # What context management did to this request, from rewrite's dynamic metadata; a
+        # header whose value is missing (pass-through, no session) is left out.
+        "response_headers_to_add": [
+            {
+                "header": {"key": name, "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{key})%"},
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                "keep_empty_value": False,
+            }
+            for name, key in CONTEXT_HEADERS.items()
+        ],
     }
     other = {
         "name": "pass_through",

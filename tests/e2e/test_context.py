@@ -229,3 +229,44 @@ def test_a_request_too_big_on_its_own_goes_unchanged(context_gateway: Gateway, m
     assert after == before + 1
     reply = client.chat.completions.create(model=MODEL, messages=[user(f"again {tag}")])
     assert reply.choices[0].message.content == f"echo: again {tag} [n=3]"
+
+
+def test_the_response_says_what_context_management_did(
+    context_gateway: Gateway, mock: Mock
+) -> None:
+    """Envoy turns rewrite's per-request figures into `x-sessiongate-*` response headers."""
+    tag = "h" + uuid.uuid4().hex[:8]
+    client = client_for(context_gateway, "ctx-" + tag)
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[user(f"first {tag}")]
+    )
+    assert first.headers["x-sessiongate-context"] == "fit"
+    assert first.headers["x-sessiongate-context-window"] == str(WINDOW)
+    assert first.headers["x-sessiongate-turns-injected"] == "0"
+    for i in range(40):  # enough history to overflow a 4,096-token window
+        client.chat.completions.create(model=MODEL, messages=[user(f"{FILLER} {i} {tag}")])
+    last = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[user(f"last {tag}")]
+    )
+    assert last.headers["x-sessiongate-context"] == "trimmed"
+    injected = int(last.headers["x-sessiongate-turns-injected"])
+    dropped = int(last.headers["x-sessiongate-turns-dropped"])
+    assert injected > 0 and dropped > 0 and injected + dropped == 41
+    assert "window_tokens" in last.headers["x-sessiongate-dropped-by"]
+    assert int(last.headers["x-sessiongate-history-injected"]) <= int(
+        last.headers["x-sessiongate-history-available"]
+    )
+    # What the provider received matches what the headers say.
+    sent = received_with(mock, f"last {tag}")[-1]
+    assert len(sent) == 2 * injected + 1 + (1 if sent[0]["role"] == "system" else 0)
+
+
+def test_requests_without_a_session_carry_no_context_headers(context_gateway: Gateway) -> None:
+    http = context_gateway.http()
+    reply = http.post(
+        "/chat/completions",
+        json={"model": MODEL, "messages": [user("no session")]},
+        headers={"authorization": "Bearer sk-test"},
+    )
+    assert reply.status_code == 200
+    assert not [h for h in reply.headers if h.startswith("x-sessiongate-")]
