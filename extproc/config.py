@@ -88,6 +88,21 @@ class Settings:
     tenants: dict[str, dict[str, Any]] = field(default_factory=dict)
     session_header: str = "x-session-id"
     session_op_header: str = "x-session-op"
+    # Where a session id comes from, in order: "header", "cookie", "body", "fingerprint"
+    # (extproc.session_sources). Any but "header" makes the chat route send every chat
+    # request to rewrite, not only those with the session header.
+    session_sources: tuple[str, ...] = ("header",)
+    session_cookie: str = "sessiongate_session"
+    # Dotted body fields tried in order by the "body" source (first non-empty string wins).
+    session_body_fields: tuple[str, ...] = (
+        "metadata.session_id",
+        "metadata.conversation_id",
+        "user",
+    )
+    # "append" (the client sends only new messages), "manage" (it sends its whole history:
+    # deduplicated against the store) or "auto" (extproc.client_modes); per request: the header.
+    client_mode: str = "append"
+    client_mode_header: str = "x-sessiongate-mode"
     fail_open: bool = True
     allow_anonymous: bool = False
     identity_sources: tuple[str, ...] = ("jwt", "api-key")  # "mtls" is opt-in
@@ -369,6 +384,7 @@ def validate(s: Settings) -> None:
             raise ConfigError(f"{name}: not a lower-case header name: {value!r}")
     if s.session_header == s.session_op_header:
         raise ConfigError("session_op_header: must differ from session_header")
+    _validate_session_sources(s)
     unknown = set(s.identity_sources) - set(IDENTITY_SOURCES)
     if unknown or not s.identity_sources:
         raise ConfigError(f"identity_sources: choose from {', '.join(IDENTITY_SOURCES)}")
@@ -391,6 +407,37 @@ def validate(s: Settings) -> None:
         raise ConfigError("hot_ttl_s: 0 (no expiry) or more seconds")
     _validate_context(s)
     _validate_jwt(s)
+
+
+_COOKIE_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_BODY_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*")
+SESSION_SOURCES = ("header", "cookie", "body", "fingerprint")
+CLIENT_MODES = ("append", "manage", "auto")
+
+
+def _validate_session_sources(s: Settings) -> None:
+    sources = s.session_sources
+    if not sources or set(sources) - set(SESSION_SOURCES) or len(set(sources)) != len(sources):
+        raise ConfigError(
+            f"session_sources: one or more of {', '.join(SESSION_SOURCES)}, each once"
+        )
+    if not _COOKIE_NAME.fullmatch(s.session_cookie):
+        raise ConfigError(f"session_cookie: not a cookie name: {s.session_cookie!r}")
+    if "body" in sources and not s.session_body_fields:
+        raise ConfigError("session_body_fields: at least one field for the body source")
+    for name in s.session_body_fields:
+        if not _BODY_FIELD.fullmatch(name):
+            raise ConfigError(f"session_body_fields: not a dotted field path: {name!r}")
+    if s.client_mode not in CLIENT_MODES:
+        raise ConfigError(f"client_mode: choose from {', '.join(CLIENT_MODES)}")
+    if not _HEADER_NAME.fullmatch(s.client_mode_header):
+        raise ConfigError(
+            f"client_mode_header: not a lower-case header name: {s.client_mode_header!r}"
+        )
+    if s.client_mode_header in {s.session_header, s.session_op_header}:
+        raise ConfigError(
+            "client_mode_header: must differ from session_header and session_op_header"
+        )
 
 
 def _validate_warm_tier(tenant: str, redis_url: str | None, redis_urls: tuple[str, ...]) -> None:

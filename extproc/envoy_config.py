@@ -249,12 +249,21 @@ def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
         "timeout": "0s",  # Envoy's 15 s default would cut long completions
         "host_rewrite_literal": upstream.authority,
     }
+    # With the session header as the only source, a request without it never reaches
+    # sessiongate. Cookie, body and fingerprint sources need every chat request: rewrite
+    # passes those without a session through (a mode override after the headers, or the body
+    # unchanged when only the body could have named one).
+    header_only = tuple(settings.session_sources) == ("header",)
     chat = {
-        "name": "chat_completions_with_session",
-        "match": {
-            "path": CHAT_PATH,
-            "headers": [{"name": settings.session_header, "present_match": True}],
-        },
+        "name": "chat_completions_with_session" if header_only else "chat_completions",
+        "match": (
+            {
+                "path": CHAT_PATH,
+                "headers": [{"name": settings.session_header, "present_match": True}],
+            }
+            if header_only
+            else {"path": CHAT_PATH}
+        ),
         "route": {**action, "prefix_rewrite": upstream.path_prefix + CHAT_PATH},
         # Envoy buffers the body for the rewrite filter and holds the rewritten one in the same
         # buffer, so its limit is the rewritten maximum; sessiongate itself answers 413 above

@@ -9,13 +9,16 @@ metadata.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-from extproc import mutations
+from extproc import client_modes, mutations
+from extproc import session_sources as sources
 from extproc.config import Settings
 from extproc.context import ContextManager, ContextPlan, ContextSettings
+from extproc.context.manager import TOOL_EXCHANGE_TOO_LARGE
 from extproc.context.window import SIZE_LIMIT
 from extproc.errors import openai_error
 from extproc.identity import Identity, IdentityResolver, valid_session_id
@@ -31,11 +34,13 @@ CHAT_SUFFIX = "/chat/completions"
 
 @dataclass(frozen=True, slots=True)
 class SessionContext:
-    session_key: str
+    session_key: str  # "" until a body-stage source (body, fingerprint) has found the session
     session_id: str  # raw: only used as the ext_proc affinity key, never stored
     identity: Identity
     user_agent: str = ""
     op: SessionOp | None = None
+    mode: str = client_modes.APPEND  # the client mode: setting, or the request's mode header
+    source: str = sources.HEADER
 
 
 def context_settings(settings: Settings) -> ContextSettings:
@@ -72,13 +77,26 @@ class Rewriter:
     def on_request_headers(self, request: Any) -> tuple[Any, SessionContext | None]:
         """The headers response, and the session when the body should come to us."""
         headers = mutations.headers_dict(request.request_headers)
-        header = self.settings.session_header
-        session_id = headers.get(header)
-        remove = tuple(h for h in (header, self.settings.session_op_header) if h in headers)
-        if session_id is None:
+        settings = self.settings
+        header = settings.session_header
+        ours = (header, settings.session_op_header, settings.client_mode_header)
+        remove = tuple(h for h in ours if h in headers)
+        session_id, source = self._session_from_headers(headers)
+        body_stage = self._body_stage
+        if session_id is None and not body_stage:
             self.metrics.inc("rewrite.pass_through.not_applicable")
-            return mutations.request_headers_pass_through(), None
-        if not valid_session_id(session_id):
+            return mutations.request_headers_pass_through(remove), None
+        mode = headers.get(settings.client_mode_header, settings.client_mode).strip().lower()
+        if mode not in client_modes.MODES:
+            self.metrics.inc("rewrite.rejected.client_mode")
+            name = settings.client_mode_header
+            body = openai_error(
+                f"invalid {name}: expected one of {', '.join(client_modes.MODES)}",
+                code="invalid_client_mode",
+                param=name,
+            )
+            return mutations.immediate_error(400, body, "sessiongate_invalid_client_mode"), None
+        if session_id is not None and not valid_session_id(session_id):
             self.metrics.inc("rewrite.rejected.session_id")
             body = openai_error(
                 f"invalid {header}: expected 1-128 characters from [A-Za-z0-9._:-]",
@@ -110,13 +128,55 @@ class Rewriter:
             self.metrics.inc("rewrite.pass_through.no_body")
             return mutations.request_headers_pass_through(remove), None
         context = SessionContext(
-            self.resolver.session_key(identity, session_id),
-            session_id,
+            self.resolver.session_key(identity, session_id) if session_id is not None else "",
+            session_id or "",
             identity,
             headers.get("user-agent", "")[:256],
             op,
+            mode,
+            source,
         )
         return mutations.request_headers_continue(remove), context
+
+    @property
+    def _body_stage(self) -> bool:
+        """Some configured source needs the body: every chat request comes to us."""
+        return not sources.BODY_STAGE.isdisjoint(self.settings.session_sources)
+
+    def _session_from_headers(self, headers: dict[str, str]) -> tuple[str | None, str]:
+        """The session id from the header (validated by the caller: a bad one is a 400) or
+        the cookie (a bad one is skipped), whichever comes first in `session_sources`."""
+        for source in self.settings.session_sources:
+            if source == sources.HEADER and self.settings.session_header in headers:
+                return headers[self.settings.session_header], source
+            if source == sources.COOKIE:
+                value = sources.cookie_value(headers.get("cookie"), self.settings.session_cookie)
+                if value is not None:
+                    if sources.usable(value) is not None:
+                        return value, source
+                    self.metrics.inc("rewrite.session_source.invalid.cookie")
+        return None, sources.HEADER
+
+    def _session_from_body(
+        self, context: SessionContext, parsed: chat.ChatRequest
+    ) -> SessionContext | None:
+        """The context completed by the first body-stage source that finds a session."""
+        for source in self.settings.session_sources:
+            value: str | None = None
+            if source == sources.BODY:
+                found = sources.body_value(parsed.body, self.settings.session_body_fields)
+                if found is not None:
+                    value = sources.usable(found[1])
+                    if value is None:
+                        self.metrics.inc("rewrite.session_source.invalid.body")
+            elif source == sources.FINGERPRINT and context.mode != client_modes.APPEND:
+                value = sources.fingerprint(parsed.system_messages, parsed.new_messages)
+            if value is not None:
+                key = self.resolver.session_key(context.identity, value)
+                return dataclasses.replace(
+                    context, session_key=key, session_id=value, source=source
+                )
+        return None
 
     @staticmethod
     def _is_chat_request(headers: dict[str, str]) -> bool:
@@ -146,6 +206,13 @@ class Rewriter:
             self.metrics.inc("rewrite.pass_through.unparseable")
             log.debug("request body passed through: %s", exc)
             return mutations.request_body_unchanged()
+        if not context.session_key:
+            found = self._session_from_body(context, parsed)
+            if found is None:
+                self.metrics.inc("rewrite.pass_through.no_session")
+                return mutations.request_body_unchanged()
+            context = found
+        self.metrics.inc(f"rewrite.session_source.{context.source}")
         try:
             async with asyncio.timeout(self.settings.server_deadline_s):
                 return await self._rewrite(context, parsed)
@@ -176,12 +243,29 @@ class Rewriter:
             history = await store.history(key)
         if not waited:
             self.metrics.inc("rewrite.pending_wait_timeout")
+        seen = client_modes.reconcile(context.mode, history, parsed.new_messages)
+        self.metrics.inc(f"rewrite.client_mode.{seen.mode}.{seen.kind}")
+        if seen.kind == client_modes.NOTHING_NEW:  # stored history only: no turn to record
+            return mutations.request_body_unchanged()
+        if seen.rewinds(len(history)):  # the request replaces the turns after keep_turns
+            keep = seen.keep_turns
+            await store.rewind(key, history[keep - 1].seq if keep else 0)
+            history = history[:keep]
+        if seen.matched_messages or seen.mode == client_modes.MANAGE:
+            parsed = dataclasses.replace(parsed, new_messages=seen.new_messages)
         plan = self.context.plan(
             key, parsed.body, parsed.model, parsed.system_messages, parsed.new_messages, history
         )
         body = b""
         dropped = 0
-        if not plan.unchanged:
+        if plan.unchanged and seen.mode == client_modes.MANAGE and plan.turns == ():
+            # The client's body repeats its whole history: send the request's own part only
+            # (unless a tool exchange would lose its calls; then the client's body as it is).
+            if plan.outcome != TOOL_EXCHANGE_TOO_LARGE:
+                body, _ = chat.build_body(
+                    parsed, (), self.settings.upstream_body_limit, parsed.system_messages
+                )
+        elif not plan.unchanged:
             body, dropped = chat.build_body(
                 parsed, plan.turns, self.settings.upstream_body_limit, plan.system
             )
@@ -204,7 +288,7 @@ class Rewriter:
                 prompt_tokens_estimate=plan.prompt_tokens or len(body) // 4,
             )
         )
-        if plan.unchanged:
+        if plan.unchanged and not body:
             self.metrics.inc("rewrite.unchanged")
             return mutations.request_body_kept(turn_id, context.session_id, figures)
         self.metrics.inc("rewrite.injected")
