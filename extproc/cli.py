@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench_gateway = bench_sub.add_parser("gateway", help="sessiongate vs plain Envoy, same run")
     gateway_bench.add_arguments(bench_gateway)
     bench_gateway.set_defaults(func=gateway_bench.run)
+    from extproc.bench import context_bench
+
+    bench_context = bench_sub.add_parser("context", help="context assembly CPU per request")
+    context_bench.add_arguments(bench_context)
+    bench_context.set_defaults(func=context_bench.run)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
