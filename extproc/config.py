@@ -149,6 +149,22 @@ class Settings:
     # decisions, dates) go in a system message after the system prompt, within this fraction
     # of the prompt the window allows (less the system prompt); 0: off.
     context_facts_share: float = 0.1
+    # Which history a request gets: auto (by query kind: a recall question gets relevance, a
+    # tool loop its whole exchange, anything else the sliding window), window or relevance.
+    # A request may choose with the x-sessiongate-strategy header.
+    context_strategy: str = "auto"
+    # With relevance, this fraction of the history budget goes to the older turns most relevant
+    # to the query (BM25 blended with recency), the rest to the newest turns.
+    context_relevance_share: float = 0.7
+    # A rolling summary of the turns left out, made in the background (no request waits for
+    # it) and injected after the system prompt within this fraction of the prompt; 0: off.
+    context_summary_share: float = 0.0
+    # Summaries by a model (an OpenAI-compatible base URL such as https://api.openai.com/v1,
+    # called directly, never through Envoy) instead of extractive ones; empty: extractive.
+    context_summarizer_url: str = ""
+    context_summarizer_model: str = "gpt-4o-mini"
+    context_summarizer_api_key_file: Path | None = None  # its bearer key (one line)
+    context_summarizer_timeout_s: float = 30.0
     # [context.models."<model>"] window / max_output / margin / family / reasoning.
     context: dict[str, Any] = field(default_factory=dict)
 
@@ -488,6 +504,26 @@ def _validate_context(s: Settings) -> None:
         raise ConfigError("context_image_tokens: 0 or more tokens")
     if not 0 <= s.context_facts_share <= 0.5:
         raise ConfigError("context_facts_share: a fraction of the prompt budget, 0 to 0.5")
+    if s.context_strategy not in ("auto", "window", "relevance"):
+        raise ConfigError("context_strategy: auto, window or relevance")
+    if not 0 <= s.context_relevance_share <= 0.95:
+        raise ConfigError("context_relevance_share: a fraction of the history budget, 0 to 0.95")
+    if not 0 <= s.context_summary_share <= 0.5:
+        raise ConfigError("context_summary_share: a fraction of the prompt budget, 0 to 0.5")
+    if s.context_facts_share + s.context_summary_share > 0.8:
+        raise ConfigError("context_facts_share + context_summary_share: at most 0.8")
+    if s.context_summarizer_url:
+        if urlsplit(s.context_summarizer_url).scheme not in ("http", "https"):
+            raise ConfigError("context_summarizer_url: an http:// or https:// base URL")
+        if not s.context_summarizer_model:
+            raise ConfigError("context_summarizer_model: required with context_summarizer_url")
+        if s.context_summary_share <= 0:
+            raise ConfigError("context_summarizer_url: needs context_summary_share above 0")
+    key_file = s.context_summarizer_api_key_file
+    if key_file is not None and not key_file.is_file():
+        raise ConfigError(f"context_summarizer_api_key_file: no such file: {key_file}")
+    if s.context_summarizer_timeout_s <= 0:
+        raise ConfigError("context_summarizer_timeout_s: above 0 seconds")
     from extproc.context.models import ModelTable
 
     try:  # Settings built directly (not from a file) are checked too

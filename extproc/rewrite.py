@@ -19,6 +19,7 @@ from extproc import session_sources as sources
 from extproc.config import Settings
 from extproc.context import ContextManager, ContextPlan, ContextSettings
 from extproc.context.manager import TOOL_EXCHANGE_TOO_LARGE
+from extproc.context.strategy import STRATEGIES, STRATEGY_HEADER
 from extproc.context.window import SIZE_LIMIT
 from extproc.errors import openai_error
 from extproc.identity import Identity, IdentityResolver, valid_session_id
@@ -41,6 +42,7 @@ class SessionContext:
     op: SessionOp | None = None
     mode: str = client_modes.APPEND  # the client mode: setting, or the request's mode header
     source: str = sources.HEADER
+    strategy: str = ""  # the request's x-sessiongate-strategy (empty: context_strategy)
 
 
 def context_settings(settings: Settings) -> ContextSettings:
@@ -54,6 +56,13 @@ def context_settings(settings: Settings) -> ContextSettings:
         image_tokens=settings.context_image_tokens,
         facts_share=settings.context_facts_share,
         models=settings.context.get("models", {}),
+        strategy=settings.context_strategy,
+        relevance_share=settings.context_relevance_share,
+        summary_share=settings.context_summary_share,
+        summarizer_url=settings.context_summarizer_url,
+        summarizer_model=settings.context_summarizer_model,
+        summarizer_api_key_file=str(settings.context_summarizer_api_key_file or ""),
+        summarizer_timeout_s=settings.context_summarizer_timeout_s,
     )
 
 
@@ -72,14 +81,14 @@ class Rewriter:
         self.store = store
         self.metrics = metrics
         self._namespaces = (settings.jwt_metadata_namespace, "sessiongate.identity")
-        self.context = ContextManager(context_settings(settings))
+        self.context = ContextManager(context_settings(settings), metrics.inc)
 
     def on_request_headers(self, request: Any) -> tuple[Any, SessionContext | None]:
         """The headers response, and the session when the body should come to us."""
         headers = mutations.headers_dict(request.request_headers)
         settings = self.settings
         header = settings.session_header
-        ours = (header, settings.session_op_header, settings.client_mode_header)
+        ours = (header, settings.session_op_header, settings.client_mode_header, STRATEGY_HEADER)
         remove = tuple(h for h in ours if h in headers)
         session_id, source = self._session_from_headers(headers)
         body_stage = self._body_stage
@@ -113,6 +122,15 @@ class Rewriter:
                 name = self.settings.session_op_header
                 body = openai_error(f"invalid {name}: {exc}", code="invalid_session_op", param=name)
                 return mutations.immediate_error(400, body, "sessiongate_invalid_session_op"), None
+        strategy = headers.get(STRATEGY_HEADER, "").strip().lower()
+        if strategy and strategy not in STRATEGIES:
+            self.metrics.inc("rewrite.rejected.strategy")
+            body = openai_error(
+                f"invalid {STRATEGY_HEADER}: expected one of {', '.join(STRATEGIES)}",
+                code="invalid_strategy",
+                param=STRATEGY_HEADER,
+            )
+            return mutations.immediate_error(400, body, "sessiongate_invalid_strategy"), None
         if not self._is_chat_request(headers):
             self.metrics.inc("rewrite.pass_through.not_applicable")
             return mutations.request_headers_pass_through(remove), None
@@ -135,6 +153,7 @@ class Rewriter:
             op,
             mode,
             source,
+            strategy,
         )
         return mutations.request_headers_continue(remove), context
 
@@ -254,7 +273,13 @@ class Rewriter:
         if seen.matched_messages or seen.mode == client_modes.MANAGE:
             parsed = dataclasses.replace(parsed, new_messages=seen.new_messages)
         plan = self.context.plan(
-            key, parsed.body, parsed.model, parsed.system_messages, parsed.new_messages, history
+            key,
+            parsed.body,
+            parsed.model,
+            parsed.system_messages,
+            parsed.new_messages,
+            history,
+            context.strategy,
         )
         body = b""
         dropped = 0
@@ -313,6 +338,13 @@ class Rewriter:
         if plan.facts:
             inc("context.facts_injected", plan.facts)
             inc("context.facts_tokens_injected", plan.facts_tokens)
+        inc(f"context.strategy.{plan.strategy}")
+        inc(f"context.query.{plan.query}")
+        if plan.summary_tokens:
+            inc("context.summary_injected")
+            inc("context.summary_tokens_injected", plan.summary_tokens)
+        if plan.relevant_turns:
+            inc("context.relevant_turns_injected", plan.relevant_turns)
         return {
             "context_outcome": plan.outcome if not size_dropped else "trimmed",
             "context_window": plan.window,
@@ -325,6 +357,10 @@ class Rewriter:
             "context_facts": plan.facts,
             "context_facts_tokens": plan.facts_tokens,
             "context_prompt_estimate": prompt,
+            "context_strategy": plan.strategy,
+            "context_query": plan.query,
+            "context_summary_tokens": plan.summary_tokens,
+            "context_relevant_turns": plan.relevant_turns,
         }
 
     async def _apply_op(self, store: SessionStore, context: SessionContext, op: SessionOp) -> None:

@@ -1,10 +1,15 @@
 """Per request: fit the session's history into the model's context window.
 
 Injection order (DESIGN, context rules): the system prompt (the request's own system/developer
-messages, else the session's pinned one: counted once, never both), then the key facts of the
-turns left out (`facts`, one system message within `facts_share` of the prompt), then
-history, then the request's new messages. What is dropped, in order: the oldest history turns
-(sliding window, `window.select`), the oldest facts, then the pinned system prompt. A request
+messages, else the session's pinned one: counted once, never both), then the rolling summary of
+the turns left out (`summary`, produced in the background, within `summary_share`), then their
+key facts (`facts`, one system message within `facts_share` of the prompt), then history, then
+the request's new messages. Which history: the strategy (`strategy`: `auto` picks by query
+kind and phase) is the sliding window (`window.select`), or relevance (`relevance`: the newest
+turns within the rest of `relevance_share`, then the older turns most relevant to the query in
+that share, chronological order restored), or for a tool loop the window with the whole recent
+exchange. What is dropped, in order: the oldest (or least relevant) history turns, the summary
+and facts when a tool exchange needs their room, then the pinned system prompt. A request
 that does not fit even on its own is sent unchanged: sessiongate never makes a request exceed
 the window, and never hides that a client's own request does (`request_exceeds_window`).
 """
@@ -13,14 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from extproc.context import budget as budgets
 from extproc.context import facts as key_facts
+from extproc.context import relevance as rel
+from extproc.context import strategy as strategies
 from extproc.context.models import ModelTable
+from extproc.context.summary import Inc, LLMSummarizer, Summaries, SummarizerConfig, Summary
 from extproc.context.window import (
+    RELEVANCE,
     HistoryIndex,
     HistoryIndexCache,
+    Selection,
     TurnInfo,
     select,
     starts_clean,
@@ -50,6 +61,13 @@ class ContextSettings:
     image_tokens: int = 765
     facts_share: float = 0.1  # at most this fraction of the prompt (less its system prompt)
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    strategy: str = strategies.AUTO  # auto | window | relevance
+    relevance_share: float = 0.7  # of the history budget, for relevance-picked older turns
+    summary_share: float = 0.0  # of the prompt (less its system prompt), for the summary; 0: off
+    summarizer_url: str = ""  # OpenAI-compatible base URL; empty: extractive summaries
+    summarizer_model: str = "gpt-4o-mini"
+    summarizer_api_key_file: str = ""
+    summarizer_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +84,10 @@ class ContextPlan:
     dropped: Mapping[str, int] = field(default_factory=dict)  # turns left out, by strategy
     facts: int = 0  # key facts injected (in the last message of `system`)
     facts_tokens: int = 0
+    strategy: str = ""  # applied: window | relevance | tool_loop
+    query: str = ""  # the query's kind: recall | follow_up | tool_loop | other
+    summary_tokens: int = 0  # the summary message injected (0: none)
+    relevant_turns: int = 0  # older turns relevance brought back
 
     @property
     def unchanged(self) -> bool:
@@ -81,12 +103,24 @@ class ContextManager:
     """Shared per process. Token counts are cached per turn (keyed by encoding) and per session
     (prefix sums), so a request costs its own messages' counting plus a bisect."""
 
-    def __init__(self, settings: ContextSettings) -> None:
+    def __init__(self, settings: ContextSettings, inc: Inc | None = None) -> None:
         self.settings = settings
         self.models = ModelTable(settings.models, settings.default_window)
         self.encoding = ENCODING_NAME
         self.turn_info = TurnCache(self._turn_info, max_size=500_000)
         self.indexes = HistoryIndexCache(self.turn_info.get)
+        summarizer = None
+        if settings.summarizer_url:
+            key_file = settings.summarizer_api_key_file
+            summarizer = LLMSummarizer(
+                SummarizerConfig(
+                    settings.summarizer_url,
+                    settings.summarizer_model,
+                    Path(key_file).read_text().strip() if key_file else "",
+                    settings.summarizer_timeout_s,
+                )
+            )
+        self.summaries = Summaries(summarizer, inc)
 
     def _turn_info(self, turn: Turn) -> TurnInfo:
         image = self.settings.image_tokens
@@ -107,7 +141,9 @@ class ContextManager:
         system_messages: tuple[Message, ...],
         new_messages: tuple[Message, ...],
         history: Sequence[Turn],
+        strategy: str = "",
     ) -> ContextPlan:
+        """`strategy`: the request's own choice (header), else `settings.strategy`."""
         s = self.settings
         index = self.indexes.index(f"{self.encoding}\0{session_key}", history)
         pinned: tuple[Message, ...] = ()
@@ -115,8 +151,12 @@ class ContextManager:
             pinned = history[index.last_system].system_messages
         system = system_messages or pinned
         n = index.n
+        query = strategies.classify(new_messages, history[-1] if history else None)
+        applied = strategies.choose(strategy or s.strategy, query)
         if not s.enabled:
-            return ContextPlan(DISABLED, system, history, total_turns=n)
+            return ContextPlan(
+                DISABLED, system, history, total_turns=n, strategy=applied, query=query
+            )
         limits = self.models.lookup(model)
         budget = budgets.compute(
             body,
@@ -127,10 +167,12 @@ class ContextManager:
             reasoning_output=s.reasoning_output_tokens,
             image_tokens=s.image_tokens,
         )
-        common = {
+        common: dict[str, Any] = {
             "window": limits.window,
             "reserved_output": budget.reserved_output,
             "total_turns": n,
+            "strategy": applied,
+            "query": query,
         }
         if budget.history < 0:
             outcome = SYSTEM_DROPPED if budget.request_fits else REQUEST_EXCEEDS_WINDOW
@@ -146,30 +188,36 @@ class ContextManager:
         must_cut = index.tokens[n] > budget.history or (
             s.max_messages > 0 and index.messages[n] > s.max_messages
         )
+        # Shares are of what the window leaves besides the system prompt, not of the history
+        # budget, so they do not move with the size of each request (nor their messages).
+        share_base = budget.usable - budget.system
         if s.facts_share > 0 and index.facts and must_cut:
             # History must be cut, so the facts of the turns cut may be needed: reserve their
-            # share up front, never more than all the session's facts take. The share is of
-            # what the window leaves besides the system prompt, not of the history budget, so
-            # it does not move with the size of each request (nor the facts message with it).
-            share = int((budget.usable - budget.system) * s.facts_share)
+            # share up front, never more than all the session's facts take.
+            share = int(share_base * s.facts_share)
             everything = key_facts.header_tokens() + self._facts_total(index)
             facts_cap = max(0, min(share, everything, budget.history))
+        summary: Summary | None = None
+        summary_cap = 0
+        if s.summary_share > 0 and must_cut:
+            summary = self.summaries.ready(session_key, history)
+            if summary is not None:
+                share = int(share_base * s.summary_share)
+                summary_cap = max(0, min(share, summary.total_tokens, budget.history - facts_cap))
         must_keep_last = not starts_clean(new_messages)
-        chosen = select(
+        chosen, older = self._select(
             index,
-            budget.history - facts_cap,
-            step_fraction=s.step,
-            max_messages=s.max_messages,
-            must_keep_last=must_keep_last,
+            history,
+            budget.history - facts_cap - summary_cap,
+            applied,
+            must_keep_last,
+            new_messages,
         )
-        if not chosen.fits and facts_cap:  # the tool exchange in progress outranks the facts
-            facts_cap = 0
-            chosen = select(
-                index,
-                budget.history,
-                step_fraction=s.step,
-                max_messages=s.max_messages,
-                must_keep_last=must_keep_last,
+        if not chosen.fits and (facts_cap or summary_cap):
+            # The tool exchange in progress outranks the summary and the facts.
+            facts_cap = summary_cap = 0
+            chosen, older = self._select(
+                index, history, budget.history, applied, must_keep_last, new_messages
             )
         if not chosen.fits:
             return ContextPlan(
@@ -181,24 +229,108 @@ class ContextManager:
                 dropped=chosen.dropped,
                 **common,
             )
+        role = system[0].get("role", "system") if system else "system"
+        summary_message, summary_tokens = None, 0
+        if (
+            summary is not None
+            and summary_cap
+            and chosen.start
+            and (applied == strategies.RELEVANCE or summary.covered <= chosen.start)
+        ):
+            summary_message, summary_tokens = summary.message(summary_cap, role)
+        if summary_message is not None:
+            system = (*system, summary_message)
+        if s.summary_share > 0 and chosen.start and applied != strategies.RELEVANCE:
+            # Off the request path: a later request of the session uses it when it is ready.
+            self.summaries.want(
+                session_key, history, chosen.start, int(share_base * s.summary_share)
+            )
         facts_message, facts_tokens = None, 0
         if facts_cap and chosen.start:
             facts_message, facts_tokens = self._facts(index, chosen.start, facts_cap)
         if facts_message is not None:
-            role = system[0].get("role", "system") if system else "system"
             system = (*system, {**facts_message, "role": role})
+        turns: Sequence[Turn] = history[chosen.start :]
+        if older:
+            turns = [*(history[i] for i in older), *turns]
         return ContextPlan(
-            TRIMMED if chosen.start else FIT,
+            TRIMMED if len(turns) < n else FIT,
             system,
-            history[chosen.start :],
+            turns,
             available=budget.history,
             injected=chosen.tokens,
-            prompt_tokens=budget.request + budget.system + facts_tokens + chosen.tokens,
+            prompt_tokens=(
+                budget.request + budget.system + summary_tokens + facts_tokens + chosen.tokens
+            ),
             dropped=chosen.dropped,
             facts=len(facts_message["content"].splitlines()) - 1 if facts_message else 0,
             facts_tokens=facts_tokens,
+            summary_tokens=summary_tokens,
+            relevant_turns=len(older),
             **common,
         )
+
+    def _select(
+        self,
+        index: HistoryIndex,
+        history: Sequence[Turn],
+        budget: int,
+        applied: str,
+        must_keep_last: bool,
+        new_messages: Sequence[Message],
+    ) -> tuple[Selection, list[int]]:
+        """The newest turns to inject (`Selection`) and, for relevance, the older ones."""
+        s = self.settings
+        n = index.n
+        if applied == strategies.RELEVANCE and n and budget > 0 and index.tokens[n] > budget:
+            # The newest turns within what relevance leaves; not remembered as the window's
+            # previous cut (a window request after this one keeps its own stable cut).
+            saved = index.last_start, index.last_dropped
+            index.last_start = -1
+            recent = select(
+                index,
+                budget - int(budget * s.relevance_share),
+                step_fraction=s.step,
+                max_messages=s.max_messages,
+                must_keep_last=must_keep_last,
+            )
+            index.last_start, index.last_dropped = saved
+            if recent.fits:
+                older: list[int] = []
+                if recent.start:
+                    words = rel.terms(strategies.query_text(new_messages))
+                    if words:
+                        scores = self._relevance(index, history).scores(words, recent.start)
+                        older = rel.pick(
+                            scores, recent.start, index.clean, index.tokens, budget - recent.tokens
+                        )
+                sums = index.tokens
+                tokens = recent.tokens + sum(sums[i + 1] - sums[i] for i in older)
+                left_out = recent.start - len(older)
+                dropped = {RELEVANCE: left_out} if left_out else {}
+                return Selection(recent.start, True, tokens, dropped), older
+        keep = must_keep_last or applied == strategies.TOOL_LOOP
+        chosen = select(
+            index,
+            budget,
+            step_fraction=s.step,
+            max_messages=s.max_messages,
+            must_keep_last=keep,
+        )
+        if not chosen.fits and keep and not must_keep_last:
+            # The session's last exchange does not fit whole, and the request does not answer
+            # it: the plain window.
+            chosen = select(index, budget, step_fraction=s.step, max_messages=s.max_messages)
+        return chosen, []
+
+    def _relevance(self, index: HistoryIndex, history: Sequence[Turn]) -> rel.RelevanceIndex:
+        """The session's BM25 index, extended by the turns added since it was last used."""
+        found = index.relevance
+        if found is None:
+            found = index.relevance = rel.RelevanceIndex()
+        if found.n < index.n:
+            found.extend(history[found.n : index.n])
+        return found
 
     def _facts_total(self, index: HistoryIndex) -> int:
         """Tokens of the lines of all the session's current facts (memoised until a new one)."""

@@ -29,9 +29,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from extproc.context.facts import Fact
+from extproc.context.relevance import RelevanceIndex
 from store.model import Message, Turn
 
 # Strategy names as they appear in metrics and dynamic metadata.
+RELEVANCE = "relevance"  # older turns relevance selection did not pick
 WINDOW_TOKENS = "window_tokens"
 WINDOW_MESSAGES = "window_messages"
 TOOL_PAIRING = "tool_pairing"
@@ -77,6 +79,7 @@ class HistoryIndex:
     last_dropped: dict[str, int] = field(default_factory=dict)  # and why the rest went
     facts: list[tuple[int, Fact]] = field(default_factory=list)  # (turn index, fact), in order
     facts_memo: dict[tuple[int, ...], tuple[Message | None, int]] = field(default_factory=dict)
+    relevance: RelevanceIndex | None = None  # built the first time relevance is used
 
     @property
     def n(self) -> int:
