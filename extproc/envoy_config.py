@@ -240,6 +240,10 @@ CONTEXT_HEADERS = {
     "x-sessiongate-turns-dropped": "context_turns_dropped",
     "x-sessiongate-dropped-by": "context_dropped_by",
     "x-sessiongate-facts": "context_facts",
+    "x-sessiongate-strategy": "context_strategy",
+    "x-sessiongate-query": "context_query",
+    "x-sessiongate-summary-tokens": "context_summary_tokens",
+    "x-sessiongate-relevant-turns": "context_relevant_turns",
 }
 
 
