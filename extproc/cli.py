@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_context = bench_sub.add_parser("context", help="context assembly CPU per request")
     context_bench.add_arguments(bench_context)
     bench_context.set_defaults(func=context_bench.run)
+    from extproc.bench import context_eval
+
+    bench_eval = bench_sub.add_parser(
+        "context-eval", help="recall, tokens sent and prompt-cache hits per context strategy"
+    )
+    context_eval.add_arguments(bench_eval)
+    bench_eval.set_defaults(func=context_eval.run)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
