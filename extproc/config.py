@@ -454,6 +454,14 @@ def _validate_session_sources(s: Settings) -> None:
         raise ConfigError(
             "client_mode_header: must differ from session_header and session_op_header"
         )
+    # Several ext_proc processes are ring-hashed on the session header; a request without one
+    # lands on any of them, and only a shared Redis tier keeps their view of a session whole.
+    spread = s.workers > 1 or len(s.ext_proc_endpoints) > 1
+    if spread and set(sources) != {"header"} and not (s.redis_url or s.redis_urls):
+        raise ConfigError(
+            "session_sources: cookie, body and fingerprint sessions with several workers or "
+            "ext_proc_endpoints need a Redis tier (redis_url or redis_urls)"
+        )
 
 
 def _validate_warm_tier(tenant: str, redis_url: str | None, redis_urls: tuple[str, ...]) -> None:

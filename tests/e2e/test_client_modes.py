@@ -98,6 +98,7 @@ def received_with(mock: Mock, tag: str) -> list[dict[str, Any]]:
 
 
 def ask(client: openai.OpenAI, messages: list[Any], stream: bool = False) -> dict[str, Any]:
+    message: Any
     if stream:
         with client.chat.completions.stream(model=MODEL, messages=messages) as s:
             message = s.get_final_completion().choices[0].message

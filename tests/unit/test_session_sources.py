@@ -78,6 +78,8 @@ def test_same_fingerprint_different_principals_different_sessions() -> None:
 def test_settings_validation() -> None:
     validate(Settings(session_sources=("header", "cookie", "body", "fingerprint")))
     validate(Settings(client_mode="auto"))
+    validate(Settings(workers=2))  # the header alone: sessions stay pinned to one worker
+    validate(Settings(session_sources=("fingerprint",), workers=2, redis_url="redis://h:6379"))
     bad = [
         Settings(session_sources=()),
         Settings(session_sources=("header", "header")),
@@ -88,6 +90,8 @@ def test_settings_validation() -> None:
         Settings(client_mode="full"),
         Settings(client_mode_header="X-Mode"),
         Settings(client_mode_header="x-session-id"),
+        Settings(session_sources=("header", "fingerprint"), workers=2),
+        Settings(session_sources=("cookie",), ext_proc_endpoints=("a:1", "b:2")),
     ]
     for settings in bad:
         with pytest.raises(ConfigError):
