@@ -43,6 +43,7 @@ HEADER = "Summary of earlier parts of this conversation (older messages not show
 EXTRACTIVE = "extractive"
 LLM = "llm"
 MAX_LINE_CHARS = 200
+MIN_LINE_CHARS = 40
 MAX_LINES = 400  # per session; the oldest go first
 MAX_SESSIONS = 10_000
 MAX_CONCURRENT = 4  # summarizer calls in flight per process
@@ -72,13 +73,22 @@ def _text(message: Message) -> str:
 
 
 def first_sentence(text: str) -> str:
-    found = _SENTENCE.match(text.strip())
-    if found is None:
-        return ""
-    sentence = " ".join(found[1].split())
-    if len(sentence) > MAX_LINE_CHARS:
-        sentence = sentence[: MAX_LINE_CHARS - 3] + "..."
-    return sentence
+    """The opening sentence, or sentences while they are shorter than `MIN_LINE_CHARS` (a
+    "Hi." or "Turn 3." says nothing on its own), clipped to `MAX_LINE_CHARS`."""
+    taken: list[str] = []
+    size = 0
+    for found in _SENTENCE.finditer(text.strip()):
+        sentence = " ".join(found[1].split())
+        if not sentence:
+            continue
+        taken.append(sentence)
+        size += len(sentence) + 1
+        if size >= MIN_LINE_CHARS or len(taken) == 3:
+            break
+    line = " ".join(taken)
+    if len(line) > MAX_LINE_CHARS:
+        line = line[: MAX_LINE_CHARS - 3] + "..."
+    return line
 
 
 def turn_lines(turn: Turn) -> list[str]:
