@@ -709,3 +709,40 @@ def test_config_check_names_the_redis_clash(
     assert "redis_urls: set either redis_url" in capsys.readouterr().err
     assert main(["config", "check", "--redis-urls", ",".join(TWO)]) == 0
     assert json.loads(capsys.readouterr().out)["redis_urls"] == list(TWO)
+
+
+# --- context strategies and summaries --------------------------------------------------------
+
+
+def test_context_strategy_settings(tmp_path: Path) -> None:
+    key = write(tmp_path, "sk-x\n", "summarizer.key")
+    s = load(
+        file=write(
+            tmp_path,
+            'version = 1\ncontext_strategy = "relevance"\ncontext_summary_share = 0.1\n'
+            'context_summarizer_url = "http://127.0.0.1:9/v1"\n'
+            f'context_summarizer_api_key_file = "{key}"\n',
+        ),
+        env={"SESSIONGATE_CONTEXT_RELEVANCE_SHARE": "0.5"},
+    )
+    assert s.context_strategy == "relevance" and s.context_relevance_share == 0.5
+    assert s.context_summarizer_api_key_file == key
+    assert s.context_summarizer_model == "gpt-4o-mini"
+    assert load().context_strategy == "auto" and load().context_summary_share == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        ({"context_strategy": "psychic"}, "context_strategy"),
+        ({"context_relevance_share": 1.5}, "context_relevance_share"),
+        ({"context_summary_share": 0.9}, "context_summary_share"),
+        ({"context_summary_share": 0.45, "context_facts_share": 0.45}, "context_facts_share"),
+        ({"context_summarizer_url": "ftp://x", "context_summary_share": 0.1}, "summarizer_url"),
+        ({"context_summarizer_url": "http://x/v1"}, "context_summary_share"),
+        ({"context_summarizer_api_key_file": "/nonexistent/key"}, "api_key_file"),
+        ({"context_summarizer_timeout_s": 0}, "context_summarizer_timeout_s"),
+    ],
+)
+def test_context_strategy_settings_checked(flags: dict[str, Any], named: str) -> None:
+    assert named in error_of(defaults=flags)
