@@ -313,6 +313,7 @@ def measure_warm(options: Options, size: int) -> Row:
     per_session = min(per_session, options.iterations)
     count = max(1, -(-options.iterations // per_session))
     sessions = _sessions(options, size, count, per_session)
+    shape = {**_shape(sessions), "growth_turns_per_session": per_session}
     cm = ContextManager(_settings())
     for session in sessions:  # prime: the request before the first timed one
         _request(cm, session.key, session.bodies[0], session.history, None)
@@ -332,7 +333,7 @@ def measure_warm(options: Options, size: int) -> Row:
         size,
         "warm",
         samples,
-        {**_shape(sessions), "growth_turns_per_session": per_session},
+        shape,
     )
 
 
