@@ -21,6 +21,7 @@ import bisect
 import math
 import re
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -75,11 +76,18 @@ def _message_text(message: Message) -> Iterable[str]:
 
 
 def turn_terms(turn: Turn) -> dict[str, int]:
-    counts: dict[str, int] = {}
+    """Term counts of the turn's text (counted in C, then normalised per distinct word)."""
+    words: list[str] = []
     for message in turn.messages():
         for text in _message_text(message):
-            for term in terms(text):
-                counts[term] = counts.get(term, 0) + 1
+            words += _WORD.findall(text.lower())
+    counts: dict[str, int] = {}
+    for word, count in Counter(words).items():
+        if word in STOPWORDS or (len(word) < 2 and not word.isdigit()):
+            continue
+        if len(word) > 4 and word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+        counts[word] = counts.get(word, 0) + count
     return counts
 
 
