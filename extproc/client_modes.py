@@ -22,9 +22,10 @@ Rules (the request is authoritative; the store follows it):
   request messages, asked again) drops the last turn, which the new reply replaces; an edit of
   an earlier message forks the session at the last whole turn before the edit. A request with
   no common prefix at all starts the session over.
-- append: a **regenerated last turn** is a request whose new messages are exactly (canonically)
-  the stored last turn's request messages, with no turn in between: the last turn is dropped and
-  replaced. (So sending the same message twice in a row, e.g. "continue", keeps one.)
+- append, only with `append_regenerate` (off by default: an append client may well send the
+  same message twice in a row, e.g. "continue", and mean two turns): a **regenerated last turn**
+  is a request whose new messages are exactly (canonically) the stored last turn's request
+  messages, with no turn in between: the last turn is dropped and replaced.
 """
 
 from __future__ import annotations
@@ -148,17 +149,23 @@ def resolve_mode(mode: str, history: Sequence[Turn], messages: Sequence[Message]
     return mode
 
 
-def reconcile(mode: str, history: Sequence[Turn], messages: Sequence[Message]) -> Reconciled:
+def reconcile(
+    mode: str,
+    history: Sequence[Turn],
+    messages: Sequence[Message],
+    *,
+    append_regenerate: bool = False,
+) -> Reconciled:
     """Apply the mode's rules to the request's non-system messages (see the module docstring)."""
     mode = resolve_mode(mode, history, messages)
     if mode == MANAGE:
         return _manage(history, tuple(messages))
-    return _append(history, tuple(messages))
+    return _append(history, tuple(messages), append_regenerate)
 
 
-def _append(history: Sequence[Turn], messages: tuple[Message, ...]) -> Reconciled:
+def _append(history: Sequence[Turn], messages: tuple[Message, ...], regenerate: bool) -> Reconciled:
     n = len(history)
-    if n and messages:
+    if regenerate and n and messages:
         last = history[-1]
         stored = TURN_HASHES.get(last)[: len(last.request_messages)]
         if len(stored) == len(messages) and all(

@@ -103,6 +103,9 @@ class Settings:
     # deduplicated against the store) or "auto" (extproc.client_modes); per request: the header.
     client_mode: str = "append"
     client_mode_header: str = "x-sessiongate-mode"
+    # Append clients: a request repeating the last turn's message(s) replaces that turn (a
+    # regenerate) instead of adding one. Off: such clients may send "continue" twice.
+    append_regenerate: bool = False
     fail_open: bool = True
     allow_anonymous: bool = False
     identity_sources: tuple[str, ...] = ("jwt", "api-key")  # "mtls" is opt-in

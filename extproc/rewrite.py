@@ -262,7 +262,12 @@ class Rewriter:
             history = await store.history(key)
         if not waited:
             self.metrics.inc("rewrite.pending_wait_timeout")
-        seen = client_modes.reconcile(context.mode, history, parsed.new_messages)
+        seen = client_modes.reconcile(
+            context.mode,
+            history,
+            parsed.new_messages,
+            append_regenerate=self.settings.append_regenerate,
+        )
         self.metrics.inc(f"rewrite.client_mode.{seen.mode}.{seen.kind}")
         if seen.kind == client_modes.NOTHING_NEW:  # stored history only: no turn to record
             return mutations.request_body_unchanged()

@@ -40,6 +40,7 @@ def modes_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "version = 1\n"
         'session_sources = ["header", "cookie", "body", "fingerprint"]\n'
         'client_mode = "auto"\n'
+        "append_regenerate = true\n"
         f'\n[context.models."{MODEL}"]\nwindow = {WINDOW}\n'
     )
     gateway = start_gateway(directory, mock.url, "--config", str(config))

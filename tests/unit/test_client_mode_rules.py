@@ -261,15 +261,23 @@ def test_append_new_messages_all_new() -> None:
     assert (seen.kind, seen.new_messages, seen.keep_turns) == (cm.APPENDED, (user("q4"),), 3)
 
 
-def test_append_same_message_again_regenerates() -> None:
+def test_append_same_message_again_is_a_new_turn_by_default() -> None:
+    seen = reconcile(cm.APPEND, HISTORY, [user("q3")])
+    assert (seen.kind, seen.keep_turns) == (cm.APPENDED, 3)
+
+
+def test_append_same_message_again_regenerates_when_enabled() -> None:
     seen = reconcile(
-        cm.APPEND, HISTORY, [{"role": "user", "content": [{"type": "text", "text": "q3"}]}]
+        cm.APPEND,
+        HISTORY,
+        [{"role": "user", "content": [{"type": "text", "text": "q3"}]}],
+        append_regenerate=True,
     )
     assert (seen.kind, seen.keep_turns) == (cm.REGENERATED, 2)
 
 
 def test_append_earlier_message_again_is_a_new_turn() -> None:
-    seen = reconcile(cm.APPEND, HISTORY, [user("q2")])
+    seen = reconcile(cm.APPEND, HISTORY, [user("q2")], append_regenerate=True)
     assert (seen.kind, seen.keep_turns) == (cm.APPENDED, 3)
 
 
