@@ -20,6 +20,7 @@ from extproc.protocols.openai_chat import (
     parse_chat_json,
 )
 from extproc.sse import SSEDecoder, SSEError
+from extproc.tokens import turn_token_counts
 from store import PendingTurn, TurnSink
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,16 @@ class CaptureStream:
     """One reply. `on_*` return False once nothing more is needed (the handler then returns)."""
 
     def __init__(
-        self, store: TurnSink, metrics: Metrics, max_json_bytes: int, delay_s: float = 0.0
+        self,
+        store: TurnSink,
+        metrics: Metrics,
+        max_json_bytes: int,
+        delay_s: float = 0.0,
+        image_tokens: int | None = None,
     ) -> None:
         self.store = store
+        # With context management on: the turn's token count is taken here and stored with it.
+        self.image_tokens = image_tokens
         self.delay_s = delay_s
         self.metrics = metrics
         self.max_json_bytes = max_json_bytes
@@ -113,9 +121,14 @@ class CaptureStream:
         return False
 
     def _complete(self, reply: CapturedReply) -> None:
-        assert self.pending is not None
+        pending = self.pending
+        assert pending is not None
+        counts = None
+        if self.image_tokens is not None:
+            messages = [*pending.request_messages, reply.message]
+            counts = turn_token_counts(messages, self.image_tokens)
         if self.store.complete_turn(
-            self.pending.turn_id, reply.message, reply.finish_reason, reply.usage
+            pending.turn_id, reply.message, reply.finish_reason, reply.usage, counts
         ):
             self.metrics.inc("capture.completed")
         else:

