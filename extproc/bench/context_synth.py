@@ -22,7 +22,12 @@ from dataclasses import dataclass
 
 import orjson
 
+from extproc.context import ContextSettings
+from extproc.tokens import turn_token_counts
 from store.model import Message, Turn
+
+# The image estimate context management counts with by default (so the stored counts apply).
+IMAGE_TOKENS_DEFAULT = ContextSettings().image_tokens
 
 
 def _pool(text: str, sep: str | None = None) -> tuple[str, ...]:
@@ -165,6 +170,8 @@ class ConversationWriter:
             model="gpt-4o",
             finish_reason="tool_calls" if reply.get("tool_calls") else "stop",
             seq=self._n.turn,
+            # As capture stores them (extproc.capture): counted once, when the turn completed.
+            token_counts=turn_token_counts([*request, reply], IMAGE_TOKENS_DEFAULT),
         )
 
     def _reply(self) -> Message:

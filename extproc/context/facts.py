@@ -60,6 +60,17 @@ _DATE = re.compile(
     re.I,
 )
 _QUANTITY = re.compile(r"\b(?:is|are|was|were|costs?|equals|=)\s+(?:about\s+)?[$€£]?\d", re.I)
+# Any of the above, case-insensitively (a superset of what they match): one search decides
+# whether a sentence needs the others. Most sentences need none, and a session read after a
+# restart has all of its turns scanned once.
+_ANY = re.compile(
+    "|".join(
+        f"(?:{p.pattern})"
+        for p in (_NAME_LOOSE, _ATTRIBUTE, _PREFERENCE, _DECISION, _REMINDER, _DATE, _QUANTITY)
+    )
+    + r"|\b(?:i['\u2019]m|i am)\s",
+    re.I,
+)
 # Not names: "I'm Sure", "I am Not ..." at a sentence start of a capitalised phrase.
 _NOT_NAMES = frozenset({"not", "sure", "sorry", "so", "just", "also", "still", "here", "back"})
 
@@ -104,6 +115,8 @@ def _name(sentence: str) -> str | None:
 
 
 def sentence_facts(sentence: str) -> list[Fact]:
+    if _ANY.search(sentence) is None:
+        return []
     text = _clip(sentence)
     if len(text) < 4:
         return []
