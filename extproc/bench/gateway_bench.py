@@ -30,12 +30,16 @@ the gateway, then forked (`x-session-op: fork:...`) into the pool, the fork requ
 last turn. 10,000 messages, and the warm and cold pools: written straight into the store before
 that gateway starts (`extproc.bench.seed`), then, for 10,000, read once through the gateway so
 that they are hot. Every request stores one more turn, so a pool is sized from the measured
-rate to keep the growth small (at most 5 turns or 10% per session), and the mean history
-served, and the part of it actually injected (sessiongate trims the oldest turns beyond
-`upstream_body_limit`, 32 MiB by default: a 10,000-message session is ~3 MB), are reported per
-row. Each run continues the rotation where the previous one stopped and passes over the
-sessions of the requests wrk cut off when it stopped: sessiongate keeps such a turn pending (no
-reply ever reaches capture) and would hold the session's next request for `pending_wait_ms`.
+rate to keep the growth small (at most 5 turns or 10% per session; a forked pool stays within
+half of the default hot tier, and each load-sweep row gets a pool of its own), and the mean
+history served, and the part of it actually injected, are reported per row (from the
+`context.dropped_turns.*` counters: sessiongate leaves out the oldest turns beyond the model's
+context window, and beyond `upstream_body_limit`, 32 MiB by default; a 10,000-message session
+is ~600k tokens and ~2.4 MB, so its rows run against a sessiongate whose window for the model
+is raised to 2M tokens). Each run continues the rotation where the previous one stopped and
+passes over the sessions of the requests wrk cut off when it stopped: sessiongate keeps such a
+turn pending (no reply ever reaches capture) and would hold the session's next request for
+`pending_wait_ms`.
 
 Store tiers: "hot" rows run against a default `sessiongate up` (memory + SQLite). "warm" rows
 against one with Redis (`--redis-url`, a prefix of its own, removed afterwards) and a hot tier
@@ -87,7 +91,6 @@ import copy
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -114,6 +117,7 @@ from extproc.bench.procstat import (
     child_pids,
     children_cpu_s,
     machine_cpu,
+    machine_info,
     process_cpu_precise_s,
     process_cpu_s,
     rss_bytes,
@@ -192,6 +196,7 @@ DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 MEMORY_SESSIONS: Final = 100_000
 QUICK_MEMORY_SESSIONS: Final = 500
 MEMORY_CONNECTIONS: Final = 16
+MEMORY_BATCH: Final = 2_000
 IDLE_WINDOW_S: Final = 2.0
 QUICK_IDLE_WINDOW_S: Final = 0.5
 LITELLM_CONCURRENCIES: Final = (1, SATURATING_CONNECTIONS)
@@ -1754,8 +1759,12 @@ class _Bench:
         (capture runs after the client has its reply, in observability mode)."""
 
         def finished(counters: dict[str, int]) -> int:
+            # Completed, abandoned, or dropped (the store's queue was full): nothing more will
+            # happen to it. Rows report drops in their notes.
             return counters.get("capture.completed", 0) + sum(
-                v for k, v in counters.items() if k.startswith("capture.abandoned")
+                v
+                for k, v in counters.items()
+                if k.startswith(("capture.abandoned", "capture.dropped"))
             )
 
         deadline = time.monotonic() + timeout_s
@@ -1834,43 +1843,6 @@ class _Bench:
             else:
                 results[side.name] = await self.wrk_side(side, spec)
         self.add(spec, results, [s.name for s in order])
-
-
-# --- machine ------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _machine(wrk: str) -> dict[str, Any]:
-    affinity = getattr(os, "sched_getaffinity", None)
-    envoy_version = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        text = subprocess.run(
-            [envoy_binary(), "--version"], capture_output=True, text=True, timeout=10
-        ).stdout
-        found = re.search(r"version: \S+?/(\d+\.\d+\.\d+)/", text)
-        envoy_version = found.group(1) if found else text.strip()[-60:]
-    wrk_version = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
-        wrk_version = (out.stdout or out.stderr).splitlines()[0].strip()
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(affinity(0)) if affinity is not None else os.cpu_count(),
-        "cpu_model": _cpu_model(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "uvloop": str(getattr(uvloop, "__version__", "")),
-        "envoy": envoy_version,
-        "wrk": wrk_version,
-        "loadavg_start": list(os.getloadavg()),
-    }
 
 
 # --- profile ------------------------------------------------------------------------------
@@ -1954,7 +1926,7 @@ async def _main(options: Options) -> int:
     except BenchError as exc:
         print(f"bench gateway: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    machine = _machine(wrk)
+    machine = machine_info(wrk)
     with _work_directory(options.keep_dir) as directory:
         bench = _Bench(options, directory, wrk)
         return await _run_bench(bench, machine)
@@ -2329,32 +2301,39 @@ async def _measure_memory(bench: _Bench, upstream: str, directory: Path) -> Memo
         client = _client(gate)
         body = chat_body(False)
         prefix = f"mem-{bench.run_tag}-"
-        queue = iter(range(sessions))
         started = time.monotonic()
 
-        async def sender(connection: Connection) -> None:
+        async def sender(connection: Connection, queue: Iterator[int]) -> None:
             for number in queue:
                 await request(connection, client.request_bytes(body, f"{prefix}{number}"), "memory")
 
         try:
             connections = [await client.connect() for _ in range(MEMORY_CONNECTIONS)]
-            await asyncio.gather(*(sender(c) for c in connections))
+            # In batches, each captured before the next: new sessions arrive faster than the
+            # store's writer commits them, and past its queue (10,000) turns are dropped.
+            for first in range(0, sessions, MEMORY_BATCH):
+                since = await bench.counters(gate)
+                queue = iter(range(first, min(sessions, first + MEMORY_BATCH)))
+                await asyncio.gather(*(sender(c, queue) for c in connections))
+                await bench._settle(gate, since, timeout_s=120.0)
         finally:
             await client.close()
         duration = time.monotonic() - started
-        await bench._settle(gate, before, timeout_s=120.0)
         await asyncio.sleep(0.5)  # the cold tier's last group commit
         counters = await bench.counters(gate)
         rss_after = rss_bytes(gateway.child.pid)
     finally:
         await bench.procs.stop(gateway.child)
     hot = counters.get("store.hot_sessions", 0)
+    dropped = counters.get("capture.dropped", 0) - before.get("capture.dropped", 0)
     evictions = counters.get("store.hot_evictions", 0) - before.get("store.hot_evictions", 0)
     notes = []
     if hot < sessions:
         notes.append(f"the hot tier holds {hot:,} of the {sessions:,} sessions")
     if evictions:
         notes.append(f"{evictions:,} evicted (hot_max_bytes)")
+    if dropped:
+        notes.append(f"{dropped:,} first turns dropped by the store (queue full)")
     result = MemoryResult(
         sessions=sessions,
         hot_sessions=hot,

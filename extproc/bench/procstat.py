@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import re
 import resource
+import subprocess
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+import uvloop
+
+from extproc.supervisor import envoy_binary
 
 __all__ = [
     "CLK_TCK",
     "child_pids",
     "children_cpu_s",
     "machine_cpu",
+    "machine_info",
     "process_cpu_precise_s",
     "process_cpu_s",
     "process_cpu_s_of",
@@ -100,3 +108,38 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
                 name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
                 out[name] = out.get(name, 0.0) + process_cpu_s_of(task / "stat")
     return out
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def machine_info(wrk: str) -> dict[str, Any]:
+    """What the run ran on: CPUs, Python, uvloop, Envoy and wrk versions, load average."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    envoy_version = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        text = subprocess.run(
+            [envoy_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+        found = re.search(r"version: \S+?/(\d+\.\d+\.\d+)/", text)
+        envoy_version = found.group(1) if found else text.strip()[-60:]
+    wrk_version = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, timeout=10)
+        wrk_version = (out.stdout or out.stderr).splitlines()[0].strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(affinity(0)) if affinity is not None else os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "uvloop": str(getattr(uvloop, "__version__", "")),
+        "envoy": envoy_version,
+        "wrk": wrk_version,
+        "loadavg_start": list(os.getloadavg()),
+    }
