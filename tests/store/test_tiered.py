@@ -136,6 +136,25 @@ async def test_concurrent_completes_get_gap_free_seqs(store: SessionStore) -> No
     assert [turn.seq for turn in await store.cold.load("s")] == list(range(1, 61))
 
 
+async def test_turns_commit_in_completion_order_with_several_writers(
+    store: SessionStore,
+) -> None:
+    """The writer tasks share one queue; each session's turns still get their seqs in the
+    order they completed, while other sessions' turns interleave."""
+    order = {key: [f"{key}-{n}" for n in range(30)] for key in ("a", "b", "c")}
+    for turn_ids in order.values():
+        for turn_id in turn_ids:
+            store.begin_turn(make_pending(turn_id, turn_id.split("-")[0]))
+    interleaved = [turn_id for row in zip(*order.values(), strict=True) for turn_id in row]
+    for turn_id in interleaved:
+        assert complete(store, turn_id)
+    await store.flush()
+    for key, turn_ids in order.items():
+        stored = await store.history(key)
+        assert [t.turn_id for t in stored] == turn_ids
+        assert [t.seq for t in stored] == list(range(1, 31))
+
+
 async def test_duplicate_complete_is_stored_once(store: SessionStore) -> None:
     store.begin_turn(make_pending("t1", "s"))
     assert complete(store, "t1", reply="first")
