@@ -2344,6 +2344,11 @@ async def _measure_memory(bench: _Bench, upstream: str, directory: Path) -> Memo
         duration_s=duration,
         evictions=evictions,
         note="; ".join(notes),
+        counters={
+            k: v - before.get(k, 0)
+            for k, v in sorted(counters.items())
+            if k.startswith(("capture.", "store.", "rewrite.")) and v != before.get(k, 0)
+        },
     )
     print(
         f" {duration:.0f} s: {rss_after / 1024 / 1024:,.0f} MB RSS, "

@@ -112,6 +112,7 @@ class MemoryResult:
     hot_sessions_at_start: int = 0  # the sanity requests' session
     evictions: int = 0
     note: str = ""
+    counters: dict[str, int] = field(default_factory=dict)  # sessiongate's, deltas
 
     @property
     def bytes_per_session(self) -> float:
