@@ -1689,6 +1689,7 @@ class _Bench:
         if forks < size:
             raise BenchError(f"only {forks} of {size} forks ran")
         await self._settle(side, before)
+        await self.drain(side)
         print(f" {time.monotonic() - started:.1f} s", flush=True)
         return self._new_pool(spec, Pool(label, prefix, size, history, "forked"))
 
@@ -1749,6 +1750,7 @@ class _Bench:
             await client.close()
         if lost * 2 >= pool.size:
             raise BenchError(f"{lost} of {pool.size} first reads were never captured")
+        await self.drain(side)
         pool.turns_added += pool.size - lost
         pool.touched = True
         extra = f", {lost} captures lost (sessions skipped)" if lost else ""
@@ -1785,6 +1787,18 @@ class _Bench:
                     f"(counters since: {changed})"
                 )
             await asyncio.sleep(0.05)
+
+    async def drain(self, side: Side, timeout_s: float = 120.0) -> None:
+        """Wait until sessiongate's store has committed everything queued (the completed-turn
+        queue and the cold tier's write-behind queue): preparing a pool queues hundreds of
+        thousands of rows, and a measured window must not pay for committing them."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            counters = await self.counters(side)
+            backlog = counters.get("store.queue_depth", 0) + counters.get("store.cold_queued", 0)
+            if backlog <= 0 or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.1)
 
     # --- rows ---
 
