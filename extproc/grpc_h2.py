@@ -222,7 +222,9 @@ class _Stream:
         self.inbox = _Inbox()
         self.buffer = bytearray()  # a partial gRPC message
         self.send_window = send_window
-        self.out = bytearray()  # DATA waiting for flow-control credit
+        # DATA waiting for flow-control credit, as views (a rewritten body can be megabytes:
+        # cutting frames off a bytearray moved the rest of it every time).
+        self.out: deque[memoryview] = deque()
         self.trailers: bytes | None = None  # to send once `out` is empty
         self.headers_sent = False
         self.remote_closed = False
@@ -253,7 +255,7 @@ class _Connection(asyncio.Protocol):
         self.headers_block: bytearray | None = None  # HEADERS awaiting CONTINUATION
         self.headers_stream = 0
         self.headers_end_stream = False
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         self.flush_scheduled = False
         self.goaway_sent = False
         self.closed = False
@@ -607,8 +609,8 @@ class _Connection(asyncio.Protocol):
         if not stream.headers_sent:
             stream.headers_sent = True
             self._write_headers(stream.id, _RESPONSE_HEADERS, end_stream=False)
-        stream.out += _GRPC_PREFIX.pack(0, len(payload))
-        stream.out += payload
+        stream.out.append(memoryview(_GRPC_PREFIX.pack(0, len(payload))))
+        stream.out.append(memoryview(payload))
         self._pump(stream)
         self._schedule_flush()
 
@@ -662,14 +664,25 @@ class _Connection(asyncio.Protocol):
         """Send what flow control allows; trailers once everything else is out."""
         out = stream.out
         while out:
-            allowed = min(len(out), stream.send_window, self.peer_window, self.peer_max_frame)
+            allowed = min(stream.send_window, self.peer_window, self.peer_max_frame)
             if allowed <= 0:
                 return
-            chunk = bytes(out[:allowed])
-            del out[:allowed]
-            stream.send_window -= allowed
-            self.peer_window -= allowed
-            self._write(_frame_header(DATA, 0, stream.id, allowed) + chunk)
+            size = 0
+            parts: list[memoryview] = []
+            while out and size < allowed:
+                head = out[0]
+                take = min(len(head), allowed - size)
+                parts.append(head[:take])
+                size += take
+                if take == len(head):
+                    out.popleft()
+                else:
+                    out[0] = head[take:]
+            stream.send_window -= size
+            self.peer_window -= size
+            self._write(_frame_header(DATA, 0, stream.id, size))
+            for part in parts:
+                self._write(part)
         if stream.trailers is not None and not stream.local_closed:
             trailers, stream.trailers = stream.trailers, None
             stream.local_closed = True
@@ -681,7 +694,7 @@ class _Connection(asyncio.Protocol):
             if stream.out or stream.trailers is not None:
                 self._pump(stream)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         self.out.append(data)
 
     def _schedule_flush(self) -> None:
