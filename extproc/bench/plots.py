@@ -156,9 +156,13 @@ def _plot_load(plt: Any, load: dict[str, list[LoadPoint]], path: Path, subtitle:
         axis.set_xlabel("offered concurrency (wrk connections)")
         axis.grid(True, which="major", alpha=0.3)
     left.set_yscale("log")
+    ticker = importlib.import_module("matplotlib.ticker")
+    left.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     left.set_ylabel("latency (ms, log scale)")
     left.set_title("latency against load")
-    left.legend(fontsize=8)
+    # Below both panels: inside, it would cover a line wherever it went.
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
     right.set_ylabel("requests/s")
     right.set_ylim(bottom=0)
     right.set_title("throughput reached")
@@ -173,26 +177,39 @@ def _plot_load(plt: Any, load: dict[str, list[LoadPoint]], path: Path, subtitle:
 
 
 def _plot_sizes(plt: Any, sizes: list[SizePoint], path: Path, subtitle: str) -> Path:
+    ticker = importlib.import_module("matplotlib.ticker")
     fig, axis = plt.subplots(figsize=(8, 4.8), layout="constrained")
     positions = list(range(len(sizes)))
     width = 0.38
+    # Log scale: a p99 stall of hundreds of ms next to a p50 of 1 ms. Bars start at the
+    # floor; one at or below it (noise: sessiongate faster than plain Envoy) is drawn there.
+    floor_ms = 0.1
     for offset, key, label, color in (
         (-width / 2, "added_p50_us", "added p50", "#dd8452"),
         (width / 2, "added_p99_us", "added p99", "#c44e52"),
     ):
         values = [getattr(p, key) / 1000 for p in sizes]
-        bars = axis.bar([x + offset for x in positions], values, width, label=label, color=color)
+        bars = axis.bar(
+            [x + offset for x in positions],
+            [max(v, floor_ms) - floor_ms for v in values],
+            width,
+            bottom=floor_ms,
+            label=label,
+            color=color,
+        )
         for bar, value in zip(bars, values, strict=True):
             axis.annotate(
                 f"{value:.2f} ms" if abs(value) < 10 else f"{value:.0f} ms",
-                (bar.get_x() + bar.get_width() / 2, max(bar.get_height(), 0.0)),
+                (bar.get_x() + bar.get_width() / 2, max(value, floor_ms)),
                 ha="center",
                 va="bottom",
                 fontsize=8,
                 xytext=(0, 2),
                 textcoords="offset points",
             )
-    axis.axhline(0, color="black", linewidth=0.6)
+    axis.set_yscale("log")
+    axis.set_ylim(bottom=floor_ms)
+    axis.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_xticks(positions)
     axis.set_xticklabels(
         [
@@ -202,8 +219,8 @@ def _plot_sizes(plt: Any, sizes: list[SizePoint], path: Path, subtitle: str) -> 
         ]
     )
     axis.set_xlabel("stored messages per session (hot tier), concurrency 1")
-    axis.set_ylabel("added latency vs plain Envoy (ms)")
-    axis.grid(True, axis="y", alpha=0.3)
+    axis.set_ylabel("added latency vs plain Envoy (ms, log scale)")
+    axis.grid(True, axis="y", which="major", alpha=0.3)
     axis.legend(fontsize=8, loc="upper left")
     axis.set_title(
         "What sessiongate adds, by session size" + (f"\n{subtitle}" if subtitle else ""),
