@@ -665,8 +665,10 @@ class SessionStore:
         turns = await self.history(source_key)
         if await self.history(target_key):
             return 0
+        # The target is empty: no duplicate check per turn (`append` reads the history for
+        # it, which made forking a 5,000-turn session take ~1.5 s).
         for turn in turns:
-            await self.append(target_key, turn)
+            await self._append_to_tiers(target_key, turn)
         async with self._lock(target_key):
             derived = await self._get_doc(source_key, DERIVED)
             if derived is not None:
@@ -689,6 +691,10 @@ class SessionStore:
         assigns the seq."""
         if any(t.turn_id == turn.turn_id for t in await self.history(session_key)):
             return False
+        await self._append_to_tiers(session_key, turn)
+        return True
+
+    async def _append_to_tiers(self, session_key: str, turn: Turn) -> None:
         async with self._lock(session_key):
             if self.warm is not None:
                 try:
@@ -703,7 +709,6 @@ class SessionStore:
                 await self.hot.append(session_key, turn)
             if self.cold is not None:
                 await self._append_cold(session_key, turn)
-        return True
 
     async def load(self, session_key: str) -> list[Turn]:
         return list(await self.history(session_key))
