@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from extproc.config import Settings, split_host_port
+from extproc.gc_tuning import GcTuning
 from extproc.grpc_service import start_h2_server
 from extproc.identity import IdentityResolver, load_hmac_key
 from extproc.metrics import Metrics
@@ -37,9 +38,12 @@ class ExtProcService:
 
     # Counters of other processes to add in (`up --workers`: the other workers').
     more_counters: Callable[[], Awaitable[dict[str, int]]] | None = None
+    gc_tuning: GcTuning | None = None
 
     def counters(self) -> dict[str, int]:
-        return {**self.metrics.snapshot(), **{f"store.{k}": v for k, v in self.store.stats.items()}}
+        stats = {f"store.{k}": v for k, v in self.store.stats.items()}
+        gc_stats = self.gc_tuning.stats() if self.gc_tuning is not None else {}
+        return {**self.metrics.snapshot(), **stats, **gc_stats}
 
     async def all_counters(self) -> dict[str, int]:
         total = self.counters()
@@ -53,6 +57,8 @@ class ExtProcService:
         if self.metrics_runner is not None:
             await self.metrics_runner.cleanup()
         await self.store.close()
+        if self.gc_tuning is not None:
+            self.gc_tuning.uninstall()
         log.info("stopped; counters: %s", self.metrics.snapshot())
 
 
@@ -102,6 +108,9 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
         await store.close()
         raise
     service = ExtProcService(settings, store, metrics, server, health, port)
+    if settings.gc_unfreeze_every_s > 0:
+        service.gc_tuning = GcTuning(settings.gc_unfreeze_every_s)
+        service.gc_tuning.install()
     if settings.metrics_listen:
         service.metrics_runner, service.metrics_port = await start_metrics_http(
             settings.metrics_listen, service.all_counters
