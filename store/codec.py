@@ -60,23 +60,29 @@ class TurnCodec:
             raise StoreError(f"turn {turn.turn_id!r} cannot be encoded: {exc}") from None
 
     def decode(self, data: bytes) -> Turn:
-        try:
-            record = _loads(data)
-        except orjson.JSONDecodeError:
-            raise StoreError("corrupt turn record: not valid JSON") from None
-        if type(record) is not dict:
-            raise StoreError("corrupt turn record: not a JSON object")
-        version = record.get("v")
-        # type() not isinstance(): True and 1.0 compare equal to 1 but are not a version.
-        if type(version) is not int or version not in SUPPORTED_VERSIONS:
-            raise StoreError(
-                f"unsupported turn record version {version!r} "
-                f"(this release reads {sorted(SUPPORTED_VERSIONS)})"
-            )
+        record = load_record(data, "turn record", SUPPORTED_VERSIONS)
         try:
             return _turn_from_record(record)
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"corrupt turn record: {type(exc).__name__} {exc}") from None
+
+
+def load_record(data: bytes, what: str, versions: frozenset[int]) -> dict[str, Any]:
+    """A versioned JSON record as a dict: `StoreError` naming `what` when it is not JSON, not
+    an object, or of a version outside `versions` (shared by every record kind we store)."""
+    try:
+        record = _loads(data)
+    except orjson.JSONDecodeError:
+        raise StoreError(f"corrupt {what}: not valid JSON") from None
+    if type(record) is not dict:
+        raise StoreError(f"corrupt {what}: not a JSON object")
+    version = record.get("v")
+    # type() not isinstance(): True and 1.0 compare equal to 1 but are not a version.
+    if type(version) is not int or version not in versions:
+        raise StoreError(
+            f"unsupported {what} version {version!r} (this release reads {sorted(versions)})"
+        )
+    return record
 
 
 _loads = orjson.loads

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from store.base import StoreError
+from store.codec import load_record
 from store.model import PendingTurn
 
 # The pending-turn payload's format version, bumped under the same rule as turn records (see
@@ -304,18 +305,7 @@ def encode_pending(pending: PendingTurn) -> bytes:
 def decode_pending(data: bytes) -> PendingTurn:
     """The record `encode_pending` wrote (or a neighbouring release's: unknown fields are
     ignored, absent optional ones take their defaults). `StoreError` when it is unreadable."""
-    try:
-        record = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        raise StoreError("corrupt pending turn: not valid JSON") from None
-    if type(record) is not dict:
-        raise StoreError("corrupt pending turn: not a JSON object")
-    version = record.get("v")
-    if type(version) is not int or version not in SUPPORTED_PENDING_VERSIONS:
-        raise StoreError(
-            f"unsupported pending turn version {version!r} "
-            f"(this release reads {sorted(SUPPORTED_PENDING_VERSIONS)})"
-        )
+    record = load_record(data, "pending turn", SUPPORTED_PENDING_VERSIONS)
     try:
         return _pending_from_record(record)
     except (KeyError, TypeError, ValueError) as exc:
