@@ -50,16 +50,19 @@ class CaptureStream:
         self.json_body = bytearray()
         self.finished = False
 
-    def on_response_headers(self, request: Any) -> bool:
-        turn_id = mutations.turn_id_of(request)
-        if turn_id is None:
-            return False  # not a request we rewrote: close the stream at once
-        self.pending = self.store.pending(turn_id)
+    def on_response_headers(self, request: Any, known: PendingTurn | None = None) -> bool:
+        """`known`: the pending turn, when the caller already looked it up."""
+        if known is None:
+            turn_id = mutations.turn_id_of(request)
+            if turn_id is None:
+                return False  # not a request we rewrote: close the stream at once
+            known = self.store.pending(turn_id)
+        self.pending = known
         if self.pending is None:
             self.metrics.inc("capture.unknown_turn")
             self.finished = True
             return False
-        self.store.mark_responding(turn_id)
+        self.store.mark_responding(self.pending.turn_id)
         headers = mutations.headers_dict(request.response_headers)
         status = headers.get(":status", "")
         if not status.startswith("2"):
@@ -146,16 +149,17 @@ class CaptureObserver:
     """A `CaptureStream` driven message by message by the transport (extproc.grpc_h2.Observer):
     the first message is the response headers, then body chunks; `on_end` always comes last."""
 
-    __slots__ = ("_started", "stream")
+    __slots__ = ("_known", "_started", "stream")
 
-    def __init__(self, stream: CaptureStream) -> None:
+    def __init__(self, stream: CaptureStream, known: PendingTurn | None = None) -> None:
         self.stream = stream
+        self._known = known  # the pending turn the transport's hook already found
         self._started = False
 
     def on_message(self, request: Any) -> bool:
         if not self._started:
             self._started = True
-            return self.stream.on_response_headers(request)
+            return self.stream.on_response_headers(request, self._known)
         if request.WhichOneof("request") == "response_body":
             return self.stream.on_response_body(request)
         return True  # trailers and the like: nothing to record

@@ -84,10 +84,11 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
         if first.WhichOneof("request") != "response_headers":
             return None
         turn_id = mutations.turn_id_of(first)
-        if turn_id is not None and self.store.pending(turn_id) is None:
+        known = self.store.pending(turn_id) if turn_id is not None else None
+        if turn_id is not None and known is None:
             return None
         self.metrics.inc("server.capture.observer")
-        return CaptureObserver(self._capture_stream())
+        return CaptureObserver(self._capture_stream(), known)
 
     async def _capture(self, first: Any, requests: AsyncIterator[Any]) -> None:
         self.metrics.inc("server.capture.handler")
