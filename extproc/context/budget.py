@@ -3,8 +3,9 @@
     usable  = floor((window - reserved_output) / (1 + margin))
     history = usable - the request's own parts - the injected system prompt
 
-`reserved_output` is the request's `max_completion_tokens` or `max_tokens` (reasoning tokens
-are part of them), else a configured default capped at the model's `max_output` and at a
+`reserved_output` is the request's `max_completion_tokens`, `max_tokens` or
+`max_output_tokens` (the Responses API's name, which some OpenAI-compatible chat servers accept
+too; reasoning tokens are part of all three), else a configured default capped at the model's `max_output` and at a
 quarter of the window. It is in the provider's own tokens, so it comes off the window before
 the margin scales our (cl100k) counts. The request's own parts are its system/developer
 messages, its new messages (images and audio at fixed estimates), its `tools` (and legacy
@@ -22,6 +23,8 @@ from extproc.tokens import REPLY_PRIMING, count_json, count_message
 from store.model import Message
 
 SCHEMA_FIELDS = ("tools", "functions", "response_format")
+# The client's own output limit, by the names the wire formats give it (first set one wins).
+OUTPUT_LIMIT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
 def _positive_int(value: Any) -> int | None:
@@ -32,11 +35,10 @@ def reserved_output(
     body: Mapping[str, Any], limits: ModelLimits, default: int, reasoning_default: int
 ) -> int:
     """Tokens kept free for the reply: the client's own limit when it sets one."""
-    asked = _positive_int(body.get("max_completion_tokens")) or _positive_int(
-        body.get("max_tokens")
-    )
-    if asked is not None:
-        return asked
+    for name in OUTPUT_LIMIT_FIELDS:
+        asked = _positive_int(body.get(name))
+        if asked is not None:
+            return asked
     reserve = reasoning_default if limits.reasoning else default
     if limits.max_output:
         reserve = min(reserve, limits.max_output)
