@@ -5,11 +5,12 @@
 
 `reserved_output` is the request's `max_completion_tokens`, `max_tokens` or
 `max_output_tokens` (the Responses API's name, which some OpenAI-compatible chat servers accept
-too; reasoning tokens are part of all three), else a configured default capped at the model's `max_output` and at a
-quarter of the window. It is in the provider's own tokens, so it comes off the window before
-the margin scales our (cl100k) counts. The request's own parts are its system/developer
-messages, its new messages (images and audio at fixed estimates), its `tools` (and legacy
-`functions`) and `response_format` schemas as compact JSON, and the 3 tokens priming the reply.
+too; reasoning tokens are part of all three), else a configured default capped at the model's
+`max_output` and at a quarter of the window. It is in the provider's own tokens, so it comes
+off the window before the margin scales our (cl100k) counts. The request's own parts are its
+system/developer messages, its new messages (images and audio at fixed estimates), its `tools`
+(and legacy `functions`) and `response_format` schemas as compact JSON, and the 3 tokens
+priming the reply.
 """
 
 from __future__ import annotations
