@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from extproc import mutations
+from extproc.context.calibration import ESTIMATED_USAGE
+from extproc.context.manager import FIT, TRIMMED
 from extproc.decoding import BodyDecoder, DecodingError, UnsupportedEncoding, make_decoder
 from extproc.metrics import Metrics
 from extproc.protocols.openai_chat import (
@@ -22,8 +25,40 @@ from extproc.protocols.openai_chat import (
 from extproc.sse import SSEDecoder, SSEError
 from extproc.tokens import turn_token_counts
 from store import PendingTurn, TurnSink
+from store.model import Message, Usage
 
 log = logging.getLogger(__name__)
+
+# (model, the plan's prompt estimate, the provider's prompt_tokens, has media): the model
+# table's `observe_usage`, which learns the safety margins the budget applies.
+UsageObserver = Callable[[str, int, int, bool], None]
+PLANNED = frozenset({FIT, TRIMMED})  # the request sent was the plan's: its estimate holds
+
+
+def planned_estimate(request: Any) -> int:
+    """The prompt tokens rewrite counted for the request it sent (dynamic metadata
+    `context_prompt_estimate`, corrected for turns cut by the body size limit), or 0 when
+    the request went unchanged or unplanned (its estimate is not the prompt's)."""
+    filter_metadata = request.metadata_context.filter_metadata
+    if mutations.METADATA_NAMESPACE not in filter_metadata:
+        return 0
+    fields = filter_metadata[mutations.METADATA_NAMESPACE].fields
+    if "context_outcome" not in fields or "context_prompt_estimate" not in fields:
+        return 0
+    if fields["context_outcome"].string_value not in PLANNED:
+        return 0
+    return int(fields["context_prompt_estimate"].number_value)
+
+
+def has_media(messages: tuple[Message, ...]) -> bool:
+    """Image, audio or file parts: counted at fixed estimates, not by the tokenizer."""
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type", "text") != "text":
+                    return True
+    return False
 
 
 class CaptureStream:
@@ -36,8 +71,11 @@ class CaptureStream:
         max_json_bytes: int,
         delay_s: float = 0.0,
         image_tokens: int | None = None,
+        usage_observer: UsageObserver | None = None,
     ) -> None:
         self.store = store
+        self.usage_observer = usage_observer
+        self.planned = 0  # the plan's prompt estimate, when calibrating (see planned_estimate)
         # With context management on: the turn's token count is taken here and stored with it.
         self.image_tokens = image_tokens
         self.delay_s = delay_s
@@ -63,6 +101,8 @@ class CaptureStream:
             self.finished = True
             return False
         self.store.mark_responding(self.pending.turn_id)
+        if self.usage_observer is not None:
+            self.planned = planned_estimate(request)
         headers = mutations.headers_dict(request.response_headers)
         status = headers.get(":status", "")
         if not status.startswith("2"):
@@ -136,6 +176,26 @@ class CaptureStream:
             self.metrics.inc("capture.completed")
         else:
             self.metrics.inc("capture.dropped")
+        self._count_usage(pending, reply.usage)
+
+    def _count_usage(self, pending: PendingTurn, usage: Usage) -> None:
+        """Provider-reported prompt and cached tokens (their ratio is the prompt-cache hit
+        rate), and the calibration's sample."""
+        if usage.estimated:
+            if self.usage_observer is not None and self.planned:
+                self.metrics.inc(f"context.calibration.ignored.{ESTIMATED_USAGE}")
+            return
+        inc = self.metrics.inc
+        inc("capture.prompt_tokens", usage.prompt_tokens)
+        inc("capture.cached_tokens", usage.cached_tokens)
+        if usage.cache_creation_tokens:
+            inc("capture.cache_creation_tokens", usage.cache_creation_tokens)
+        if self.usage_observer is not None:
+            if self.planned:
+                media = has_media(pending.request_messages)
+                self.usage_observer(pending.model, self.planned, usage.prompt_tokens, media)
+            else:
+                inc("context.calibration.ignored.unplanned")
 
     def _abandon(self, reason: str) -> bool:
         assert self.pending is not None

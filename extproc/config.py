@@ -146,6 +146,16 @@ class Settings:
     # model's max output and a quarter of its window); reasoning models reserve the second.
     context_output_tokens: int = 4096
     context_reasoning_output_tokens: int = 25000
+    # Learn each tokenizer family's (and, with enough turns, each model's) safety margin from
+    # the provider's reported usage: margin = high quantile of reported/estimated prompt tokens
+    # - 1 + 2%, within [floor, cap]. Per process; the fixed margins hold until min_samples
+    # turns were seen. An explicit [context.models."<m>"] margin is never replaced.
+    context_calibrate_margins: bool = True
+    context_calibration_min_samples: int = 20
+    context_calibration_window: int = 200  # the last this many turns per family / model
+    context_calibration_quantile: float = 0.98
+    context_calibration_floor: float = 0.02
+    context_calibration_cap: float = 0.5
     # Cut history in blocks of this fraction of its budget, so the injected prefix stays
     # byte-identical (provider prompt caches keep hitting) until the next block goes.
     context_step: float = 0.2
@@ -430,8 +440,22 @@ def validate(s: Settings) -> None:
         raise ConfigError("log_level: debug, info, warning or error")
     if s.hot_ttl_s < 0:
         raise ConfigError("hot_ttl_s: 0 (no expiry) or more seconds")
+    _validate_calibration(s)
     _validate_context(s)
     _validate_jwt(s)
+
+
+def _validate_calibration(s: Settings) -> None:
+    if s.context_calibration_min_samples < 1:
+        raise ConfigError("context_calibration_min_samples: at least 1 turn")
+    if s.context_calibration_window < s.context_calibration_min_samples:
+        raise ConfigError("context_calibration_window: at least context_calibration_min_samples")
+    if not 0.5 <= s.context_calibration_quantile <= 1:
+        raise ConfigError("context_calibration_quantile: from 0.5 to 1")
+    if not 0 <= s.context_calibration_floor <= s.context_calibration_cap <= 1:
+        raise ConfigError(
+            "context_calibration_floor, context_calibration_cap: 0 <= floor <= cap <= 1"
+        )
 
 
 _COOKIE_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")

@@ -13,10 +13,12 @@ from typing import Any
 from aiohttp import web
 
 from extproc.config import Settings, split_host_port
+from extproc.context.calibration import Calibration, CalibrationSettings
+from extproc.context.models import FAMILY_MARGINS
 from extproc.gc_tuning import GcTuning
 from extproc.grpc_service import start_h2_server
 from extproc.identity import IdentityResolver, load_hmac_key
-from extproc.metrics import Metrics
+from extproc.metrics import Metrics, merge
 from extproc.metrics_http import start_metrics_http
 from extproc.rewrite import Rewriter
 from extproc.server import ExternalProcessor, drain, grpc_receive_limit, start_grpc_server
@@ -49,7 +51,7 @@ class ExtProcService:
         total = self.counters()
         if self.more_counters is not None:
             for name, value in (await self.more_counters()).items():
-                total[name] = total.get(name, 0) + value
+                merge(total, name, value)
         return total
 
     async def stop(self) -> None:
@@ -80,6 +82,35 @@ def store_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def margin_gauge(family: str) -> str:
+    return f"context.margin_permille.{family}"
+
+
+def attach_calibration(rewriter: Rewriter, settings: Settings, metrics: Metrics) -> None:
+    """Margins learnt from reported usage: capture feeds the calibration that the rewrite's
+    model table reads (`ModelTable.lookup`), one per process. The gauges start at the fixed
+    family margins and follow the learnt ones."""
+    if not (settings.context_enabled and settings.context_calibrate_margins):
+        return
+    for family, margin in FAMILY_MARGINS.items():
+        metrics.set(margin_gauge(family), round(margin * 1000))
+
+    def on_margin(family: str, margin: float) -> None:
+        metrics.set(margin_gauge(family), round(margin * 1000))
+
+    def on_event(name: str) -> None:
+        metrics.inc("context.calibration." + name)
+
+    calibration = CalibrationSettings(
+        min_samples=settings.context_calibration_min_samples,
+        window=settings.context_calibration_window,
+        quantile=settings.context_calibration_quantile,
+        floor=settings.context_calibration_floor,
+        cap=settings.context_calibration_cap,
+    )
+    rewriter.context.models.calibration = Calibration(calibration, on_margin, on_event)
+
+
 async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcService:
     """`create_key`: `up` makes the HMAC key on first start; `serve` requires it to exist."""
     key = load_hmac_key(settings.hmac_key_path, create=create_key)
@@ -93,6 +124,7 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
     store = await open_router(store_options(settings), settings.tenants)
     metrics = Metrics()
     rewriter = Rewriter(settings, resolver, store, metrics)
+    attach_calibration(rewriter, settings, metrics)
     try:
         if settings.grpc_server == "h2":
             host, port = split_host_port(settings.grpc_listen, "grpc_listen")

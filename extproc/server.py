@@ -66,6 +66,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             self.metrics.inc("server.unexpected_message")
 
     def _capture_stream(self) -> CaptureStream:
+        models = self.rewriter.context.models
         return CaptureStream(
             self.store,
             self.metrics,
@@ -74,6 +75,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             image_tokens=(
                 self.settings.context_image_tokens if self.settings.context_enabled else None
             ),
+            # Reported usage teaches the margins the rewrite side's budget applies.
+            usage_observer=models.observe_usage if models.calibration is not None else None,
         )
 
     def observe(self, first: Any) -> CaptureObserver | None:

@@ -34,6 +34,7 @@ import aiohttp
 import uvloop
 
 from extproc.config import Settings
+from extproc.metrics import merge
 
 if TYPE_CHECKING:
     from extproc.runtime import ExtProcService
@@ -136,7 +137,8 @@ async def first_exit(workers: Sequence[Worker]) -> Worker:
 
 
 async def worker_counters(workers: Sequence[Worker]) -> dict[str, int]:
-    """The workers' counters, summed (fetched now, so a reading is never stale)."""
+    """The workers' counters, summed, and their gauges' maxima (fetched now, so a reading
+    is never stale)."""
     total: dict[str, int] = {}
     timeout = aiohttp.ClientTimeout(total=2)
     async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -147,7 +149,7 @@ async def worker_counters(workers: Sequence[Worker]) -> dict[str, int]:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(url) as response:
                     for name, value in (await response.json()).items():
-                        total[name] = total.get(name, 0) + int(value)
+                        merge(total, name, int(value))
     return total
 
 

@@ -35,6 +35,17 @@ class TurnCodec:
     """Plain orjson records: `{"v": 1, "turn_id": ..., ...}`."""
 
     def encode(self, turn: Turn) -> bytes:
+        usage = turn.usage
+        usage_record: dict[str, Any] = {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "estimated": usage.estimated,
+        }
+        if usage.cached_tokens or usage.cache_creation_tokens:
+            # Only when reported: a record without them is the layout older releases wrote
+            # (and they read these: unknown usage fields are ignored), so `v` stays.
+            usage_record["cached_tokens"] = usage.cached_tokens
+            usage_record["cache_creation_tokens"] = usage.cache_creation_tokens
         record = {
             "v": RECORD_VERSION,
             "turn_id": turn.turn_id,
@@ -42,11 +53,7 @@ class TurnCodec:
             "created_at": turn.created_at,
             "model": turn.model,
             "finish_reason": turn.finish_reason,
-            "usage": {
-                "prompt_tokens": turn.usage.prompt_tokens,
-                "completion_tokens": turn.usage.completion_tokens,
-                "estimated": turn.usage.estimated,
-            },
+            "usage": usage_record,
             "system_messages": turn.system_messages,
             "request_messages": turn.request_messages,
             "response_message": turn.response_message,
@@ -111,7 +118,14 @@ def _turn_from_record(record: dict[str, Any]) -> Turn:
         raise TypeError("usage must be an object")
     prompt_tokens = usage.get("prompt_tokens", 0)
     completion_tokens = usage.get("completion_tokens", 0)
-    if type(prompt_tokens) is not int or type(completion_tokens) is not int:
+    cached_tokens = usage.get("cached_tokens", 0)
+    cache_creation_tokens = usage.get("cache_creation_tokens", 0)
+    if (
+        type(prompt_tokens) is not int
+        or type(completion_tokens) is not int
+        or type(cached_tokens) is not int
+        or type(cache_creation_tokens) is not int
+    ):
         raise TypeError("token counts must be int")
     request = record["request_messages"]
     system = get("system_messages", _NO_MESSAGES)
@@ -139,7 +153,13 @@ def _turn_from_record(record: dict[str, Any]) -> Turn:
         tuple(system),
         model,
         finish_reason,
-        Usage(prompt_tokens, completion_tokens, bool(usage.get("estimated", False))),
+        Usage(
+            prompt_tokens,
+            completion_tokens,
+            bool(usage.get("estimated", False)),
+            cached_tokens,
+            cache_creation_tokens,
+        ),
         float(get("created_at", 0.0)),
         seq,
         counts if counts is not _NO_COUNTS else {},

@@ -30,11 +30,19 @@ def _read_only(cls: _C) -> _C:
 
 @_read_only
 class Usage:
-    """Token usage of one turn. `estimated` is True when the provider sent none and we counted."""
+    """Token usage of one turn. `estimated` is True when the provider sent none and we counted.
+
+    `cached_tokens`: prompt tokens the provider served from its prompt cache (OpenAI's
+    `prompt_tokens_details.cached_tokens`, or `cache_read_input_tokens`); they are part of
+    `prompt_tokens`. `cache_creation_tokens`: prompt tokens written to the cache, where the
+    provider reports them (`cache_creation_input_tokens`). Both 0 when not reported.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated: bool = False
+    cached_tokens: int = 0
+    cache_creation_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

@@ -39,6 +39,7 @@ class SessionMeta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     estimated_usage_turns: int = 0  # turns whose usage sessiongate had to estimate
+    cached_tokens: int = 0  # of prompt_tokens, served from the provider's prompt cache
     forked_from_seq: int = 0  # > 0: the session began as a fork holding this many turns
 
 
@@ -151,6 +152,7 @@ def next_meta(meta: SessionMeta, turn: Turn, pending: PendingTurn | None) -> Ses
         prompt_tokens=meta.prompt_tokens + turn.usage.prompt_tokens,
         completion_tokens=meta.completion_tokens + turn.usage.completion_tokens,
         estimated_usage_turns=meta.estimated_usage_turns + int(turn.usage.estimated),
+        cached_tokens=meta.cached_tokens + turn.usage.cached_tokens,
     )
 
 

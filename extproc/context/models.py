@@ -24,6 +24,10 @@ each tokenizer family gets a safety margin, a fraction added to every count we m
 
 `[context.models."<name>"]` in the config file overrides or adds entries (window, max_output,
 margin, family, reasoning); an override of a known name keeps the fields it does not set.
+
+With a `Calibration` attached (`context_calibrate_margins`), `lookup` gives a model without an
+explicit `margin` the margin learnt from the provider's reported usage, once there are enough
+samples (`extproc.context.calibration`); the fixed margins above apply until then.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
+
+from extproc.context.calibration import Calibration
 
 FAMILY_MARGINS: dict[str, float] = {"cl100k": 0.02, "o200k": 0.05, "claude": 0.25, "other": 0.10}
 FAMILIES = tuple(FAMILY_MARGINS)
@@ -153,7 +159,12 @@ def parse_override(name: str, table: Mapping[str, Any]) -> dict[str, Any]:
 class ModelTable:
     """The built-in table with the config's overrides; `lookup` is cached per model string."""
 
-    def __init__(self, overrides: Mapping[str, Mapping[str, Any]], default_window: int) -> None:
+    def __init__(
+        self,
+        overrides: Mapping[str, Mapping[str, Any]],
+        default_window: int,
+        calibration: Calibration | None = None,
+    ) -> None:
         entries = dict(BUILTIN)
         for raw_name, table in overrides.items():
             name = normalise(raw_name)
@@ -167,9 +178,16 @@ class ModelTable:
                 entries[name] = replace(base, **fields)
         self._entries = entries
         self.default = ModelLimits(default_window)
-        self.lookup = lru_cache(maxsize=1024)(self._lookup)
+        self.resolve = lru_cache(maxsize=1024)(self._resolve)
+        # Shared by every table of the process (tables per default window too), and fed by
+        # capture (`observe_usage`); None: the fixed margins only.
+        self.calibration = calibration
+        # Per normalised model name: the learnt margin and the limits carrying it, so a
+        # request costs a dict lookup, not a new ModelLimits, while the margin holds.
+        self._calibrated: dict[str, tuple[float, ModelLimits]] = {}
 
-    def _lookup(self, model: str) -> ModelLimits:
+    def _resolve(self, model: str) -> tuple[str, ModelLimits]:
+        """The normalised name (calibration's per-model key) and the table's entry."""
         name = normalise(model)
         entries = self._entries
         for end in range(len(name), 0, -1):
@@ -177,5 +195,26 @@ class ModelTable:
                 continue
             found = entries.get(name[:end])
             if found is not None:
-                return found
-        return self.default
+                return name, found
+        return name, self.default
+
+    def lookup(self, model: str) -> ModelLimits:
+        name, limits = self.resolve(model)
+        calibration = self.calibration
+        if calibration is None or limits.margin is not None:  # an explicit margin wins
+            return limits
+        margin = calibration.margin(name, limits.family)
+        if margin is None:
+            return limits
+        found = self._calibrated.get(name)
+        if found is None or found[0] != margin:
+            if len(self._calibrated) >= 1024:  # model names come from clients: bounded
+                self._calibrated.clear()
+            found = self._calibrated[name] = (margin, replace(limits, margin=margin))
+        return found[1]
+
+    def observe_usage(self, model: str, estimated: int, reported: int, media: bool) -> None:
+        """Capture's report for calibration: the plan's prompt estimate and the provider's."""
+        if self.calibration is not None:
+            name, limits = self.resolve(model)
+            self.calibration.observe(name, limits.family, estimated, reported, media)

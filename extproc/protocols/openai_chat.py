@@ -81,12 +81,29 @@ def _assistant_message(content: Any, tool_calls: list[Message], refusal: Any) ->
     return message
 
 
+def _count(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
+def _cache_tokens(raw: dict[str, Any]) -> tuple[int, int]:
+    """(read from the prompt cache, written to it): OpenAI's
+    `prompt_tokens_details.cached_tokens`, else the Anthropic-style names some
+    OpenAI-compatible servers (LiteLLM, Bedrock gateways) put in the same usage object."""
+    details = raw.get("prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    if not cached:
+        cached = _count(raw.get("cache_read_input_tokens"))
+    return cached, _count(raw.get("cache_creation_input_tokens"))
+
+
 def _usage(raw: Any, message: Message, prompt_tokens_estimate: int) -> Usage:
+    """Parsed once per reply (the JSON body, or the last usage an SSE stream carried)."""
     if isinstance(raw, dict):
         prompt = raw.get("prompt_tokens")
         completion = raw.get("completion_tokens")
         if type(prompt) is int and type(completion) is int:
-            return Usage(prompt_tokens=prompt, completion_tokens=completion)
+            cached, created = _cache_tokens(raw)
+            return Usage(prompt, completion, False, cached, created)
     return Usage(
         prompt_tokens=prompt_tokens_estimate,
         completion_tokens=count_reply(message),

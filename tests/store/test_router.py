@@ -403,7 +403,11 @@ async def test_capture_completes_a_turn_of_a_pinned_tenant(layout: dict[str, Any
         assert stream.on_response_headers(response_headers(pending.turn_id))
         assert not stream.on_response_body(response_body(completion("captured!")))
         stream.on_stream_end()
-        assert metrics.snapshot() == {"capture.completed": 1}
+        assert metrics.snapshot() == {
+            "capture.completed": 1,
+            "capture.prompt_tokens": 3,
+            "capture.cached_tokens": 0,
+        }
         acme = router.for_tenant("acme")
         assert await acme.wait_for_pending(KEY, 5)
         history = await acme.history(KEY)
