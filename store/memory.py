@@ -50,6 +50,10 @@ class _Session:
     turns: list[Turn] = field(default_factory=list)
     ids: set[str] = field(default_factory=set)
     docs: dict[str, bytes] = field(default_factory=dict)
+    # Documents the cold tier was asked for and does not have: asking again on every commit
+    # (the `derived` document of a session without a system prompt) cost a SQLite read and a
+    # thread round trip per turn.
+    absent: set[str] = field(default_factory=set)
     size: int = SESSION_OVERHEAD_BYTES
     touched: float = 0.0
     # False for an entry created by `put_doc` alone: its turns were never loaded, so it holds
@@ -123,6 +127,7 @@ class MemoryBackend:
         previous = self._sessions.get(session_key)
         if previous is not None:
             session.docs = previous.docs
+            session.absent = previous.absent
             session.size += sum(doc_size(name, data) for name, data in previous.docs.items())
         sized = list(zip(turns, sizes, strict=True)) if sizes else [(t, 0) for t in turns]
         seqs = [turn.seq for turn, _ in sized]
@@ -207,6 +212,7 @@ class MemoryBackend:
         old = session.docs.get(name)
         delta = doc_size(name, data) - (doc_size(name, old) if old is not None else 0)
         session.docs[name] = bytes(data)
+        session.absent.discard(name)
         session.size += delta
         self._bytes += delta
         self._touch(session_key, session)
@@ -222,6 +228,17 @@ class MemoryBackend:
         if data is not None:
             self._touch(session_key, session)
         return data
+
+    def note_absent(self, session_key: str, name: str) -> None:
+        """Remember that the tiers below have no such document (until `put_doc` writes one),
+        for a session with an entry here; it goes with the entry."""
+        session = self._sessions.get(session_key)
+        if session is not None:
+            session.absent.add(name)
+
+    def known_absent(self, session_key: str, name: str) -> bool:
+        session = self._sessions.get(session_key)
+        return session is not None and name in session.absent
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Nothing to do: memory is as durable as it gets the moment `append` returns."""

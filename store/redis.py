@@ -70,7 +70,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote
@@ -252,6 +252,7 @@ class RedisBackend:
                 "DELETE",
                 "EVICT",
                 "PUT_DOC",
+                "PUT_DOCS",
                 "SNAPSHOT",
                 "PENDING_AND_VERSION",
                 "PENDING_SETTLED",
@@ -611,6 +612,23 @@ class RedisBackend:
         value = await self._call("get_doc", lambda: self._client.hget(keys.docs, name))
         # decode_responses is off: Redis hands back the bytes that were stored.
         return value if value is None or isinstance(value, bytes) else value.encode()
+
+    async def put_docs(self, session_key: str, docs: Mapping[str, bytes]) -> None:
+        """`put_doc` for several documents in one script call (a commit writes up to four)."""
+        if not docs:
+            return
+        keys = _Keys.of(self._prefix, session_key)
+        pairs = [part for name, data in docs.items() for part in (name, data)]
+        await self._run("put_docs", "PUT_DOCS", keys, session_key, *pairs)
+
+    async def get_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        """`get_doc` for several documents in one HMGET."""
+        keys = _Keys.of(self._prefix, session_key)
+        values = await self._call("get_docs", lambda: self._client.hmget(keys.docs, list(names)))
+        return {
+            name: value if value is None or isinstance(value, bytes) else value.encode()
+            for name, value in zip(names, values, strict=True)
+        }
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Nothing to do: a call returns once Redis has applied it."""

@@ -238,6 +238,16 @@ return 1
 """
 )
 
+# ARGV[4..]: name, data, name, data, ... (a commit's documents in one round trip).
+PUT_DOCS = (
+    _PRELUDE
+    + """
+redis.call('HSET', docs, unpack(ARGV, 4))
+slide_ttl()
+return 1
+"""
+)
+
 # Read-only; KEYS[1] meta, KEYS[2] turns. -> nil when the session is not in Redis, else
 # {ver, first, seq, deleted, {member, score, member, score, ...}} read at one instant.
 # Used on a cluster only: a single server reads the same two things in a MULTI/EXEC (see

@@ -120,6 +120,10 @@ class WarmBackend(Protocol):
 
     async def get_doc(self, session_key: str, name: str) -> bytes | None: ...
 
+    async def put_docs(self, session_key: str, docs: Mapping[str, bytes]) -> None: ...
+
+    async def get_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes | None]: ...
+
     async def flush(self, timeout_s: float | None = None) -> None: ...
 
     async def close(self) -> None: ...
@@ -375,6 +379,12 @@ class ShardedRedis:
 
     async def get_doc(self, session_key: str, name: str) -> bytes | None:
         return await self.shard_for(session_key).get_doc(session_key, name)
+
+    async def put_docs(self, session_key: str, docs: Mapping[str, bytes]) -> None:
+        await self.shard_for(session_key).put_docs(session_key, docs)
+
+    async def get_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        return await self.shard_for(session_key).get_docs(session_key, names)
 
     # --- every shard ---------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import enum
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -73,6 +73,8 @@ _COLD_RETRY_MAX_S = 2.0
 # Sessions written while Redis was down, remembered so their stale Redis copy is dropped once
 # it is back. Past this many, the warm TTL bounds the staleness instead.
 _MAX_STALE_TRACKED = 100_000
+# The documents a commit reads and updates (`_update_docs`).
+_COMMIT_DOCS = (META, SECURITY, DERIVED, STATE)
 # How often a rewrite re-checks other replicas' pending markers while it waits.
 _SHARED_MARKER_POLL_S = 0.005
 # Writer tasks draining the completed-turn queue (see `start`).
@@ -639,6 +641,11 @@ class SessionStore:
             await self._put_doc(session_key, DERIVED, encode_doc(derived))
 
     async def get_user_context(self, principal_key: str) -> UserContext:
+        """From the shared tiers, never this process's hot copy: a principal's requests reach
+        any worker or replica (no session affinity), so another one's write would leave a hot
+        copy stale for good. Callers cache it briefly themselves (extproc.user_context)."""
+        if self.warm is None and self.cold is not None:
+            return decode_doc(await self.cold.get_doc(principal_key, USER), UserContext)
         return decode_doc(await self._get_doc(principal_key, USER), UserContext)
 
     async def put_user_context(self, principal_key: str, context: UserContext) -> None:
@@ -744,10 +751,12 @@ class SessionStore:
                     return data
             return await self.cold.get_doc(key, name) if self.cold is not None else None
         data = await self.hot.get_doc(key, name)
-        if data is None and self.cold is not None:
+        if data is None and self.cold is not None and not self.hot.known_absent(key, name):
             data = await self.cold.get_doc(key, name)
             if data is not None:
                 await self.hot.put_doc(key, name, data)
+            else:
+                self.hot.note_absent(key, name)
         return data
 
     async def _put_doc(self, key: str, name: str, data: bytes) -> None:
@@ -763,18 +772,56 @@ class SessionStore:
         await self._put_doc(session_key, STATE, encode_doc(derive_state(turns)))
 
     async def _update_docs(self, session_key: str, turn: Turn, pending: PendingTurn) -> None:
-        """Metadata, security context, state and pinned system prompt after a commit."""
-        meta = decode_doc(await self._get_doc(session_key, META), SessionMeta)
-        await self._put_doc(session_key, META, encode_doc(next_meta(meta, turn, pending)))
+        """Metadata, security context, state and pinned system prompt after a commit: one
+        read and one write of the documents (one Redis round trip each with a warm tier), and
+        only those that changed are written (the security context and the state seldom do)."""
+        current, warm_missing = await self._get_docs(session_key, _COMMIT_DOCS)
+        meta = decode_doc(current[META], SessionMeta)
+        writes = {META: encode_doc(next_meta(meta, turn, pending))}
         if pending.principal:
             security = SecurityContext(pending.tenant, pending.principal, pending.scopes)
-            await self._put_doc(session_key, SECURITY, encode_doc(security))
-        derived = decode_doc(await self._get_doc(session_key, DERIVED), DerivedContext)
+            writes[SECURITY] = encode_doc(security)
+        derived = decode_doc(current[DERIVED], DerivedContext)
         updated = next_derived(derived, turn)
         if updated is not derived:
-            await self._put_doc(session_key, DERIVED, encode_doc(updated))
+            writes[DERIVED] = encode_doc(updated)
         # The state is read off the newest turn, so this turn is enough.
-        await self._refresh_state(session_key, [turn])
+        writes[STATE] = encode_doc(derive_state([turn]))
+        changed = {name: data for name, data in writes.items() if data != current[name]}
+        # What Redis lacks (expired, or written while it was down) is written back to it.
+        refill = {name: data for name, data in writes.items() if name in warm_missing}
+        await self._put_docs(session_key, changed, {**changed, **refill})
+
+    async def _get_docs(
+        self, key: str, names: Sequence[str]
+    ) -> tuple[dict[str, bytes | None], frozenset[str]]:
+        """The documents, and which of them the warm tier did not have."""
+        if self.warm is not None:
+            with contextlib.suppress(StoreUnavailable):
+                found = await self.warm.get_docs(key, names)
+                missing = frozenset(name for name, data in found.items() if data is None)
+                if self.cold is not None:
+                    for name in missing:
+                        found[name] = await self.cold.get_doc(key, name)
+                return found, missing
+            return {name: await self._get_doc(key, name) for name in names}, frozenset()
+        return {name: await self._get_doc(key, name) for name in names}, frozenset()
+
+    async def _put_docs(
+        self, key: str, changed: Mapping[str, bytes], warm_writes: Mapping[str, bytes]
+    ) -> None:
+        """`changed` to the hot (or warm) and cold tiers; with a warm tier, `warm_writes`
+        (the changed ones plus refills) to it instead."""
+        if self.warm is not None:
+            if warm_writes:
+                with contextlib.suppress(StoreUnavailable):  # cold has them; warm refills
+                    await self.warm.put_docs(key, warm_writes)
+        else:
+            for name, data in changed.items():
+                await self.hot.put_doc(key, name, data)
+        if self.cold is not None:
+            for name, data in changed.items():
+                await self.cold.put_doc(key, name, data)
 
     # --- the writer task -----------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -315,3 +316,44 @@ async def test_a_marker_waited_out_once_does_not_slow_later_reads(store: Session
     assert not waiter.done()
     assert complete(store, "next")
     assert await waiter is True
+
+
+async def test_a_commit_asks_the_cold_tier_for_a_missing_document_once(tmp_path: Path) -> None:
+    """A session without a system prompt has no `derived` document: the writer used to ask
+    SQLite for it on every commit (a read and a thread round trip per turn)."""
+    store = await sqlite_store(tmp_path / "s.db")
+    cold = store.cold
+    assert cold is not None
+    asked: list[str] = []
+    original = cold.get_doc
+
+    async def counting_get_doc(session_key: str, name: str) -> bytes | None:
+        asked.append(name)
+        return await original(session_key, name)
+
+    cold.get_doc = counting_get_doc  # type: ignore[method-assign]
+    for n in range(5):
+        await run_turn(store, "s", f"t{n}")
+        assert await store.wait_for_pending("s", 5)
+    assert asked.count("derived") == 1
+    info = await store.session_info("s")
+    assert info.meta.turns == 5 and info.derived.pinned_system == ()
+    await store.close()
+
+
+async def test_a_commit_writes_only_the_documents_that_changed(tmp_path: Path) -> None:
+    store = await sqlite_store(tmp_path / "s.db")
+    for n in range(4):
+        store.begin_turn(replace(make_pending(f"t{n}", "s"), tenant="acme", principal="p1"))
+        assert complete(store, f"t{n}")
+        assert await store.wait_for_pending("s", 5)
+    await store.flush()
+    # Turn 1 writes meta, security and state; turns 2-4 only meta (its counters move).
+    assert store.stats["cold_docs_written"] == 3 + 3
+    info = await store.session_info("s")
+    assert (info.meta.turns, info.security.principal, info.state.phase) == (4, "p1", "chatting")
+    await store.close()
+    reopened = await sqlite_store(tmp_path / "s.db")  # and they are all in the cold tier
+    info = await reopened.session_info("s")
+    assert (info.meta.turns, info.security.tenant, info.state.phase) == (4, "acme", "chatting")
+    await reopened.close()

@@ -8,9 +8,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+import redis
 
 from store import MemoryBackend, PostgresBackend, RedisBackend, SessionStore, Usage
 from tests.store.helpers import assistant, make_pending
@@ -297,3 +299,43 @@ async def test_history_after_pending_with_redis_down_serves_hot_and_cold(
     waited, history = await a.history_after_pending("s", 1)
     assert waited and len(history) == 1
     assert a.stats["warm_degraded_reads"] >= 1
+
+
+async def test_a_commit_reads_and_writes_its_documents_in_one_round_trip_each(
+    replicas: OpenReplica, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await replicas()
+    await turn(a, "s", "one")
+    operations: list[str] = []
+    call = RedisBackend._call
+
+    async def spy(self: RedisBackend, operation: str, *args: Any) -> Any:
+        operations.append(operation)
+        return await call(self, operation, *args)
+
+    monkeypatch.setattr(RedisBackend, "_call", spy)
+    await turn(a, "s", "two")
+    monkeypatch.undo()
+    # Before: get meta, put meta, put security, get derived, put state (five trips).
+    assert [op for op in operations if "doc" in op] == ["get_docs", "put_docs"]
+    info = await a.session_info("s")
+    assert info.meta.turns == 2 and info.state.phase == "chatting"
+
+
+async def test_documents_redis_lost_are_written_back_on_the_next_commit(
+    replicas: OpenReplica, redis_server: RedisServer
+) -> None:
+    a = await replicas()
+    await turn(a, "s", "one")
+    await a.flush()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        for key in client.scan_iter("*"):
+            if client.type(key) == b"hash" and client.hexists(key, "state"):
+                client.hdel(key, "state", "security")
+        await turn(a, "s", "two")
+        assert a.warm is not None
+        assert await a.warm.get_doc("s", "state") is not None  # refilled, though unchanged
+    finally:
+        client.close()
+    assert (await a.session_info("s")).meta.turns == 2
