@@ -43,7 +43,8 @@ def usage_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Itera
         f"context_calibration_min_samples = {MIN_SAMPLES}\n"
         f'[context.models."mock-learn"]\nwindow = {WINDOW}\n'
         f'[context.models."mock-fixed"]\nwindow = {WINDOW}\nmargin = 0.1\n'
-        '[context.models."mock-large"]\nwindow = 128000\n'
+        # Another family: the cache test's turns (factor 1.0) never feed the calibration one's.
+        '[context.models."mock-large"]\nwindow = 128000\nfamily = "o200k"\n'
     )
     gateway = start_gateway(directory, mock.url, "--config", str(config))
     yield gateway
