@@ -95,7 +95,20 @@ def _add_remaining_settings(parser: argparse.ArgumentParser, *, for_up: bool) ->
         )
 
 
-_NOT_SETTINGS = {"command", "config", "func", "config_command", "bench_command"}
+_NOT_SETTINGS = {
+    "command",
+    "config",
+    "func",
+    "config_command",
+    "bench_command",
+    # user-context's own arguments
+    "action",
+    "tenant",
+    "principal",
+    "jwt_subject",
+    "api_key_stdin",
+    "data",
+}
 
 
 def _settings(args: argparse.Namespace, **defaults: Any) -> Settings:
@@ -136,6 +149,14 @@ def cmd_mock_llm(args: argparse.Namespace) -> int:
     from extproc import mock_llm
 
     return mock_llm.run(args)
+
+
+def cmd_user_context(args: argparse.Namespace) -> int:
+    from extproc import user_context_cli
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    return _run(user_context_cli.run(args, settings))
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -202,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     context_eval.add_arguments(bench_eval)
     bench_eval.set_defaults(func=context_eval.run)
+
+    from extproc import user_context_cli
+
+    user_context = sub.add_parser(
+        "user-context", help="get, put or delete a principal's user context in the store"
+    )
+    user_context_cli.add_arguments(user_context)
+    _add_settings_flags(user_context, for_up=False)
+    user_context.set_defaults(func=cmd_user_context)
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)

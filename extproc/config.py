@@ -182,7 +182,16 @@ class Settings:
     context_summarizer_model: str = "gpt-4o-mini"
     context_summarizer_api_key_file: Path | None = None  # its bearer key (one line)
     context_summarizer_timeout_s: float = 30.0
-    # [context.models."<model>"] window / max_output / margin / family / reasoning.
+    # The principal's own user context (preferences and settings, set through
+    # /sessiongate/v1/user-context) goes in a system message after the system prompt, within
+    # this fraction of the prompt (less the system prompt); 0: never injected.
+    context_user_share: float = 0.05
+    # Seconds a process keeps a principal's user context before reading it again (its own
+    # writes are seen at once; another worker's or replica's within this delay). 0: no cache.
+    context_user_cache_s: float = 5.0
+    context_user_max_bytes: int = 16384  # largest user-context document a principal may PUT
+    # [context.models."<model>"] window / max_output / margin / family / reasoning;
+    # [context.routes."<path prefix>"] and [tenants.<name>.context]: overrides (context.policy).
     context: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -313,12 +322,14 @@ def _tenants(value: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-CONTEXT_KEYS = frozenset({"models"})
+CONTEXT_KEYS = frozenset({"models", "routes", "tenants"})
 
 
 def context_table(value: Any) -> dict[str, Any]:
-    """The `[context]` table: `[context.models."<model>"]` overrides of the windows table. From
-    a flag or the environment it is TOML text: `models."my-model" = {window = 4096}`."""
+    """The `[context]` table: `[context.models."<model>"]` overrides of the windows table,
+    `[context.routes."<path prefix>"]` overrides of the context settings per route, and the
+    tenants' (`[tenants.<name>.context]`, moved here by `load_settings`). From a flag or the
+    environment it is TOML text: `models."my-model" = {window = 4096}`."""
     if isinstance(value, str):
         value = tomllib.loads(value)  # TOMLDecodeError is a ValueError
     if not isinstance(value, dict):
@@ -331,7 +342,78 @@ def context_table(value: Any) -> dict[str, Any]:
         raise ValueError('expected [context.models."<model>"] tables')
     from extproc.context.models import parse_override
 
-    return {"models": {name: parse_override(name, table) for name, table in models.items()}}
+    out: dict[str, Any] = {
+        "models": {name: parse_override(name, table) for name, table in models.items()}
+    }
+    for kind in ("routes", "tenants"):
+        if kind in value:
+            out[kind] = _context_overrides(kind, value[kind])
+    return out
+
+
+def _context_overrides(kind: str, tables: Any) -> dict[str, dict[str, Any]]:
+    """Route or tenant overrides, each value converted like its global setting (`step` like
+    `context_step`); their ranges are checked by `_validate_context`."""
+    from extproc.context.policy import CLIENT_MODE, OVERRIDE_KEYS
+
+    where = 'context.routes."<path prefix>"' if kind == "routes" else "tenants.<name>.context"
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ValueError(f"expected [{where}] tables")
+    out: dict[str, dict[str, Any]] = {}
+    for name, table in tables.items():
+        label = f'routes."{name}"' if kind == "routes" else f"tenants.{name}.context"
+        if kind == "routes" and (not name.startswith("/") or "?" in name):
+            raise ValueError(f"{label}: a path prefix starts with / and has no query string")
+        if not name:
+            raise ValueError(f"{label}: a tenant name is required")
+        unknown = set(table) - OVERRIDE_KEYS
+        if unknown:
+            raise ValueError(
+                f"{label}: unknown key(s) {', '.join(sorted(unknown))} "
+                f"(choose from {', '.join(sorted(OVERRIDE_KEYS))})"
+            )
+        try:
+            out[name] = {
+                k: str(v) if k == CLIENT_MODE else _coerce("context_" + k, v)
+                for k, v in table.items()
+            }
+        except ConfigError as exc:
+            raise ValueError(f"{label}: {exc}") from None
+    return out
+
+
+def _move_tenant_context(merged: dict[str, Any]) -> None:
+    """`[tenants.<name>.context]` joins the `[context]` table as `tenants.<name>`, so that
+    `tenants` keeps meaning "pinned to its own store" (a tenant with only a context table is
+    not pinned) and the context settings live in one place."""
+    tenants = merged.get("tenants")
+    if not isinstance(tenants, dict):
+        return
+    moved: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
+    for name, table in tenants.items():
+        if isinstance(table, dict) and "context" in table:
+            moved[name] = table["context"]
+            table = {k: v for k, v in table.items() if k != "context"}
+            if not table:
+                continue
+        kept[name] = table
+    if not moved:
+        return
+    context = merged.get("context", {})
+    if isinstance(context, str):
+        try:
+            context = tomllib.loads(context)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"context: {exc}") from None
+    if not isinstance(context, dict):
+        return  # _coerce reports it
+    if "tenants" in context:
+        raise ConfigError(
+            "context.tenants: tenant overrides go in [tenants.<name>.context], not both"
+        )
+    merged["context"] = {**context, "tenants": moved}
+    merged["tenants"] = kept
 
 
 def _tenant_value(key: str, value: Any) -> Any:
@@ -383,6 +465,7 @@ def load_settings(
         merged.update(read_config_file(config_file))
     merged.update(settings_from_env(env))
     merged.update({k: v for k, v in flags.items() if v is not None})
+    _move_tenant_context(merged)
     settings = Settings(**{k: _coerce(k, v) for k, v in merged.items()})
     validate(settings)
     return settings
@@ -532,6 +615,41 @@ def _validate_warm_tier(tenant: str, redis_url: str | None, redis_urls: tuple[st
 
 
 def _validate_context(s: Settings) -> None:
+    _validate_context_values(s)
+    if s.context_summarizer_url:
+        if urlsplit(s.context_summarizer_url).scheme not in ("http", "https"):
+            raise ConfigError("context_summarizer_url: an http:// or https:// base URL")
+        if not s.context_summarizer_model:
+            raise ConfigError("context_summarizer_model: required with context_summarizer_url")
+        if s.context_summary_share <= 0:
+            raise ConfigError("context_summarizer_url: needs context_summary_share above 0")
+    key_file = s.context_summarizer_api_key_file
+    if key_file is not None and not key_file.is_file():
+        raise ConfigError(f"context_summarizer_api_key_file: no such file: {key_file}")
+    if s.context_summarizer_timeout_s <= 0:
+        raise ConfigError("context_summarizer_timeout_s: above 0 seconds")
+    from extproc.context.models import ModelTable
+
+    try:  # Settings built directly (not from a file) are checked too
+        tables = context_table(s.context)
+        ModelTable(tables["models"], s.context_default_window)
+    except ValueError as exc:
+        raise ConfigError(f"context: {exc}") from None
+    for kind in ("routes", "tenants"):
+        for name, overrides in tables.get(kind, {}).items():
+            label = f'context.routes."{name}"' if kind == "routes" else f"tenants.{name}.context"
+            fields = {f"context_{k}": v for k, v in overrides.items() if k != "client_mode"}
+            if "client_mode" in overrides:
+                fields["client_mode"] = overrides["client_mode"]
+            try:  # the same rules as the global settings, on the settings this table makes
+                _validate_context_values(dataclasses.replace(s, **fields))
+                if overrides.get("client_mode", s.client_mode) not in CLIENT_MODES:
+                    raise ConfigError(f"client_mode: choose from {', '.join(CLIENT_MODES)}")
+            except ConfigError as exc:
+                raise ConfigError(f"{label}: {exc}") from None
+
+
+def _validate_context_values(s: Settings) -> None:
     if s.context_default_window < 256:
         raise ConfigError("context_default_window: at least 256 tokens")
     for name in ("context_output_tokens", "context_reasoning_output_tokens"):
@@ -551,26 +669,16 @@ def _validate_context(s: Settings) -> None:
         raise ConfigError("context_relevance_share: a fraction of the history budget, 0 to 0.95")
     if not 0 <= s.context_summary_share <= 0.5:
         raise ConfigError("context_summary_share: a fraction of the prompt budget, 0 to 0.5")
-    if s.context_facts_share + s.context_summary_share > 0.8:
-        raise ConfigError("context_facts_share + context_summary_share: at most 0.8")
-    if s.context_summarizer_url:
-        if urlsplit(s.context_summarizer_url).scheme not in ("http", "https"):
-            raise ConfigError("context_summarizer_url: an http:// or https:// base URL")
-        if not s.context_summarizer_model:
-            raise ConfigError("context_summarizer_model: required with context_summarizer_url")
-        if s.context_summary_share <= 0:
-            raise ConfigError("context_summarizer_url: needs context_summary_share above 0")
-    key_file = s.context_summarizer_api_key_file
-    if key_file is not None and not key_file.is_file():
-        raise ConfigError(f"context_summarizer_api_key_file: no such file: {key_file}")
-    if s.context_summarizer_timeout_s <= 0:
-        raise ConfigError("context_summarizer_timeout_s: above 0 seconds")
-    from extproc.context.models import ModelTable
-
-    try:  # Settings built directly (not from a file) are checked too
-        ModelTable(context_table(s.context)["models"], s.context_default_window)
-    except ValueError as exc:
-        raise ConfigError(f"context: {exc}") from None
+    if not 0 <= s.context_user_share <= 0.5:
+        raise ConfigError("context_user_share: a fraction of the prompt budget, 0 to 0.5")
+    if s.context_facts_share + s.context_summary_share + s.context_user_share > 0.8:
+        raise ConfigError(
+            "context_facts_share + context_summary_share + context_user_share: at most 0.8"
+        )
+    if s.context_user_cache_s < 0:
+        raise ConfigError("context_user_cache_s: 0 (no cache) or more seconds")
+    if not 256 <= s.context_user_max_bytes <= 1024 * 1024:
+        raise ConfigError("context_user_max_bytes: 256 bytes to 1 MiB")
 
 
 def _validate_jwt(s: Settings) -> None:

@@ -244,7 +244,23 @@ CONTEXT_HEADERS = {
     "x-sessiongate-query": "context_query",
     "x-sessiongate-summary-tokens": "context_summary_tokens",
     "x-sessiongate-relevant-turns": "context_relevant_turns",
+    "x-sessiongate-policy": "context_policy",
+    "x-sessiongate-user-tokens": "context_user_tokens",
 }
+# sessiongate's own API (extproc.user_context), answered by the rewrite filter.
+API_PREFIX = "/sessiongate/"
+
+
+def chat_paths(settings: Settings) -> list[str]:
+    """The chat path, and one per `[context.routes]` prefix that does not already cover it
+    (`/support` -> `/support/v1/chat/completions`: clients use `<listen>/support/v1`)."""
+    from extproc.config import context_table
+
+    paths = [CHAT_PATH]
+    for prefix in context_table(settings.context).get("routes", {}):
+        if not CHAT_PATH.startswith(prefix):
+            paths.append(prefix.rstrip("/") + CHAT_PATH)
+    return paths
 
 
 def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
@@ -258,15 +274,48 @@ def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
     # passes those without a session through (a mode override after the headers, or the body
     # unchanged when only the body could have named one).
     header_only = tuple(settings.session_sources) == ("header",)
-    chat = {
-        "name": "chat_completions_with_session" if header_only else "chat_completions",
+    chats = [
+        _chat_route(settings, upstream, action, path, header_only) for path in chat_paths(settings)
+    ]
+    api = {
+        # Answered by the rewrite filter (an immediate response); reached only when it is
+        # down and fails open: then this 503, never the provider.
+        "name": "sessiongate_api",
+        "match": {"prefix": API_PREFIX},
+        "direct_response": {
+            "status": 503,
+            "body": {"inline_string": "sessiongate is unavailable; try again"},
+        },
+        "typed_per_filter_config": {
+            CAPTURE_FILTER: {"@type": f"{_EXT_PROC}.ExtProcPerRoute", "disabled": True}
+        },
+        "request_body_buffer_limit": settings.max_body_bytes,
+    }
+    other = {
+        "name": "pass_through",
+        "match": {"prefix": "/"},
+        "route": {**action, "prefix_rewrite": upstream.path_prefix + "/"},
+        "typed_per_filter_config": _disabled_filters(),
+        "request_body_buffer_limit": settings.upstream_body_limit,
+    }
+    return [*chats, api, other]
+
+
+def _chat_route(
+    settings: Settings, upstream: Upstream, action: dict[str, Any], path: str, header_only: bool
+) -> dict[str, Any]:
+    name = "chat_completions_with_session" if header_only else "chat_completions"
+    if path != CHAT_PATH:
+        name += ":" + path[: -len(CHAT_PATH)]
+    return {
+        "name": name,
         "match": (
             {
-                "path": CHAT_PATH,
+                "path": path,
                 "headers": [{"name": settings.session_header, "present_match": True}],
             }
             if header_only
-            else {"path": CHAT_PATH}
+            else {"path": path}
         ),
         "route": {**action, "prefix_rewrite": upstream.path_prefix + CHAT_PATH},
         # Envoy buffers the body for the rewrite filter and holds the rewritten one in the same
@@ -284,14 +333,6 @@ def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
             for name, key in CONTEXT_HEADERS.items()
         ],
     }
-    other = {
-        "name": "pass_through",
-        "match": {"prefix": "/"},
-        "route": {**action, "prefix_rewrite": upstream.path_prefix + "/"},
-        "typed_per_filter_config": _disabled_filters(),
-        "request_body_buffer_limit": settings.upstream_body_limit,
-    }
-    return [chat, other]
 
 
 def local_reply_config(settings: Settings) -> dict[str, Any]:

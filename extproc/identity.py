@@ -19,6 +19,9 @@ from typing import Any
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 DEFAULT_TENANT = "default"
+# The principal of every request without a trusted identity (allow_anonymous): shared by all of
+# them, so nothing that belongs to one principal (its user context) is kept for it.
+ANONYMOUS = "anonymous"
 _WS = re.compile(r"\s+")
 
 
@@ -92,7 +95,7 @@ class IdentityResolver:
             if source == "jwt" and claims is not None:
                 sub, iss = claims.get("sub"), claims.get("iss", "")
                 if isinstance(sub, str) and sub:
-                    principal = "jwt:" + self._digest("jwt", str(iss), sub)
+                    principal = self.jwt_principal(str(iss), sub)
             elif source == "mtls":
                 peer = attributes.get("connection.uri_san_peer_certificate") or attributes.get(
                     "connection.subject_peer_certificate"
@@ -102,12 +105,19 @@ class IdentityResolver:
             elif source == "api-key":
                 credential = api_credential(headers)
                 if credential:
-                    principal = "key:" + self._digest("api-key", credential)
+                    principal = self.api_key_principal(credential)
             if principal:
                 return Identity(tenant, principal, _scopes(claims) if source == "jwt" else ())
         if self._allow_anonymous:
-            return Identity(tenant, "anonymous")
+            return Identity(tenant, ANONYMOUS)
         return None
+
+    def jwt_principal(self, issuer: str, subject: str) -> str:
+        return "jwt:" + self._digest("jwt", issuer, subject)
+
+    def api_key_principal(self, credential: str) -> str:
+        """`credential` as `api_credential` normalises it."""
+        return "key:" + self._digest("api-key", credential)
 
     def session_key(self, identity: Identity, session_id: str) -> str:
         return self._digest("session", identity.tenant, identity.principal, session_id)

@@ -16,17 +16,20 @@ from typing import Any
 
 from extproc import client_modes, mutations
 from extproc import session_sources as sources
-from extproc.config import Settings
+from extproc import user_context as users
+from extproc.config import Settings, context_table
 from extproc.context import ContextManager, ContextPlan, ContextSettings
-from extproc.context.manager import TOOL_EXCHANGE_TOO_LARGE
+from extproc.context.manager import TOOL_EXCHANGE_TOO_LARGE, UserContextMessage
+from extproc.context.policy import Policies, Policy
 from extproc.context.strategy import STRATEGIES, STRATEGY_HEADER
 from extproc.context.window import SIZE_LIMIT
 from extproc.errors import openai_error
-from extproc.identity import Identity, IdentityResolver, valid_session_id
+from extproc.identity import ANONYMOUS, Identity, IdentityResolver, valid_session_id
 from extproc.metrics import Metrics
 from extproc.protocols import openai_chat as chat
 from extproc.session_ops import SessionOp, SessionOpError, parse_session_op
 from store import PendingTurn, SessionStore, StoreRouter
+from store.session import UserContext
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,9 @@ class SessionContext:
     op: SessionOp | None = None
     mode: str = client_modes.APPEND  # the client mode: setting, or the request's mode header
     source: str = sources.HEADER
-    strategy: str = ""  # the request's x-sessiongate-strategy (empty: context_strategy)
+    strategy: str = ""  # the request's x-sessiongate-strategy (empty: the policy's)
+    policy: Policy | None = None  # the context settings for its tenant and route
+    endpoint: str = ""  # sessiongate's own API (user_context.PATH), not a chat request
 
 
 def context_settings(settings: Settings) -> ContextSettings:
@@ -63,6 +68,19 @@ def context_settings(settings: Settings) -> ContextSettings:
         summarizer_model=settings.context_summarizer_model,
         summarizer_api_key_file=str(settings.context_summarizer_api_key_file or ""),
         summarizer_timeout_s=settings.context_summarizer_timeout_s,
+        user_share=settings.context_user_share,
+    )
+
+
+def policies(settings: Settings) -> Policies:
+    """The global context settings with the `[context.routes]` and `[tenants.*.context]`
+    overrides (validated at start by config.py)."""
+    tables = context_table(settings.context)
+    return Policies(
+        context_settings(settings),
+        settings.client_mode,
+        tables.get("routes", {}),
+        tables.get("tenants", {}),
     )
 
 
@@ -81,7 +99,20 @@ class Rewriter:
         self.store = store
         self.metrics = metrics
         self._namespaces = (settings.jwt_metadata_namespace, "sessiongate.identity")
-        self.context = ContextManager(context_settings(settings), metrics.inc)
+        self.policies = policies(settings)
+        self.context = ContextManager(
+            self.policies.default.context,
+            metrics.inc,
+            # Turn info is shared by every policy: facts are extracted if any of them uses them.
+            extract_facts=any(p.context.facts_share > 0 for p in self.policies.all()),
+        )
+        self.users = users.UserContexts(
+            settings.context_user_cache_s, settings.context_image_tokens
+        )
+        # Only when some policy injects it: otherwise no request reads the user document.
+        self._user_context = any(
+            p.context.user_share > 0 and p.context.enabled for p in self.policies.all()
+        )
 
     def on_request_headers(self, request: Any) -> tuple[Any, SessionContext | None]:
         """The headers response, and the session when the body should come to us."""
@@ -90,13 +121,16 @@ class Rewriter:
         header = settings.session_header
         ours = (header, settings.session_op_header, settings.client_mode_header, STRATEGY_HEADER)
         remove = tuple(h for h in ours if h in headers)
+        path = headers.get(":path", "").partition("?")[0]
+        if path.startswith(users.API_PREFIX):
+            return self._api_headers(request, headers, path, remove)
         session_id, source = self._session_from_headers(headers)
         body_stage = self._body_stage
         if session_id is None and not body_stage:
             self.metrics.inc("rewrite.pass_through.not_applicable")
             return mutations.request_headers_pass_through(remove), None
-        mode = headers.get(settings.client_mode_header, settings.client_mode).strip().lower()
-        if mode not in client_modes.MODES:
+        mode = headers.get(settings.client_mode_header, "").strip().lower()
+        if mode and mode not in client_modes.MODES:
             self.metrics.inc("rewrite.rejected.client_mode")
             name = settings.client_mode_header
             body = openai_error(
@@ -145,15 +179,17 @@ class Rewriter:
         if request.request_headers.end_of_stream:
             self.metrics.inc("rewrite.pass_through.no_body")
             return mutations.request_headers_pass_through(remove), None
+        policy = self.policies.resolve(identity.tenant, path)
         context = SessionContext(
             self.resolver.session_key(identity, session_id) if session_id is not None else "",
             session_id or "",
             identity,
             headers.get("user-agent", "")[:256],
             op,
-            mode,
+            mode or policy.client_mode,
             source,
             strategy,
+            policy,
         )
         return mutations.request_headers_continue(remove), context
 
@@ -210,6 +246,8 @@ class Rewriter:
 
     async def on_request_body(self, context: SessionContext, request: Any) -> Any:
         raw = request.request_body.body
+        if context.endpoint:
+            return await self._put_user_context(context, raw)
         if len(raw) > self.settings.max_body_bytes:
             self.metrics.inc("rewrite.rejected.too_large")
             body = openai_error(
@@ -251,6 +289,8 @@ class Rewriter:
         key = context.session_key
         tenant = context.identity.tenant
         store = self.store.for_tenant(tenant)
+        policy = context.policy or self.policies.default
+        user_load = self._user_context_load(store, context.identity, policy)
         # Read-your-writes: the previous turn of this session may still be in capture. Without
         # a session op, the pending check and the hot copy's version check share one Redis call.
         wait_s = self.settings.pending_wait_ms / 1000
@@ -285,6 +325,8 @@ class Rewriter:
             parsed.new_messages,
             history,
             context.strategy,
+            policy.context,
+            await self._user_context_result(user_load),
         )
         body = b""
         dropped = 0
@@ -302,6 +344,7 @@ class Rewriter:
             if dropped:
                 self.metrics.inc("rewrite.turns_dropped_for_size", dropped)
         figures = self._context_figures(plan, dropped)
+        figures["context_policy"] = policy.name
         turn_id = self.store.new_turn_id(tenant)
         self.store.begin_turn(
             PendingTurn(
@@ -350,6 +393,9 @@ class Rewriter:
             inc("context.summary_tokens_injected", plan.summary_tokens)
         if plan.relevant_turns:
             inc("context.relevant_turns_injected", plan.relevant_turns)
+        if plan.user_tokens and not plan.unchanged:
+            inc("context.user_context_injected")
+            inc("context.user_context_tokens_injected", plan.user_tokens)
         return {
             "context_outcome": plan.outcome if not size_dropped else "trimmed",
             "context_window": plan.window,
@@ -366,6 +412,7 @@ class Rewriter:
             "context_query": plan.query,
             "context_summary_tokens": plan.summary_tokens,
             "context_relevant_turns": plan.relevant_turns,
+            "context_user_tokens": 0 if plan.unchanged else plan.user_tokens,
         }
 
     async def _apply_op(self, store: SessionStore, context: SessionContext, op: SessionOp) -> None:
@@ -378,3 +425,116 @@ class Rewriter:
             source = self.resolver.session_key(context.identity, op.source_session_id)
             await store.fork(source, key)
         self.metrics.inc(f"rewrite.session_op.{op.kind}")
+
+    # --- the user context: loaded beside the history; sessiongate's own API for it --------
+
+    def _user_context_load(
+        self, store: SessionStore, identity: Identity, policy: Policy
+    ) -> UserContextMessage | asyncio.Task[UserContextMessage | None] | None:
+        """The principal's rendered user context when cached (or not wanted), else a task
+        reading it while the history loads (no round trip added to the request's latency)."""
+        if not (self._user_context and policy.context.enabled and policy.context.user_share > 0):
+            return None
+        if identity.principal == ANONYMOUS:
+            return None
+        principal_key = self.resolver.principal_key(identity)
+        fresh, rendered = self.users.cached(principal_key)
+        if fresh:
+            return rendered
+        return asyncio.get_running_loop().create_task(self._load_user(store, principal_key))
+
+    async def _load_user(
+        self, store: SessionStore, principal_key: str
+    ) -> UserContextMessage | None:
+        try:
+            return await self.users.load(store, principal_key)
+        except Exception as exc:  # fail open: the user context is an extra, never a blocker
+            self.metrics.inc("context.user_context.failed")
+            log.warning("user context not loaded (%s): %s", type(exc).__name__, exc)
+            return None
+
+    @staticmethod
+    async def _user_context_result(
+        load: UserContextMessage | asyncio.Task[UserContextMessage | None] | None,
+    ) -> UserContextMessage | None:
+        return await load if isinstance(load, asyncio.Task) else load
+
+    def _api_headers(
+        self, request: Any, headers: dict[str, str], path: str, remove: tuple[str, ...]
+    ) -> tuple[Any, SessionContext | None]:
+        """`/sessiongate/...`: answered here, never forwarded. GET and DELETE are answered
+        once the store has (the transport awaits the coroutine); PUT comes back with its
+        body (`_put_user_context`)."""
+        method = headers.get(":method", "")
+        if path != users.PATH:
+            return _api_error(404, f"no such sessiongate endpoint: {path}", "not_found"), None
+        if method not in ("GET", "PUT", "DELETE"):
+            return _api_error(405, f"{method} {path}: use GET, PUT or DELETE", "bad_method"), None
+        identity = self.resolver.resolve(
+            headers,
+            mutations.metadata_dict(request, self._namespaces),
+            mutations.attributes_dict(request) if request.attributes else {},
+        )
+        if identity is None or identity.principal == ANONYMOUS:
+            self.metrics.inc("user_context.rejected.no_identity")
+            message = "the user context belongs to an authenticated principal: no identity found"
+            return _api_error(401, message, "unauthenticated", "authentication_error"), None
+        context = SessionContext("", "", identity, endpoint=path)
+        if method == "PUT":
+            if request.request_headers.end_of_stream:
+                return _api_error(400, "PUT needs a JSON body", "invalid_user_context"), None
+            return mutations.request_headers_continue(remove), context
+        return self._user_context_call(context, method), None
+
+    async def _user_context_call(self, context: SessionContext, method: str) -> Any:
+        """GET or DELETE (the caller's own document, keyed by its principal key)."""
+        principal_key = self.resolver.principal_key(context.identity)
+        store = self.store.for_tenant(context.identity.tenant)
+        try:
+            async with asyncio.timeout(self.settings.server_deadline_s):
+                if method == "DELETE":
+                    doc = UserContext()
+                    await store.put_user_context(principal_key, doc)
+                    self.users.stored(principal_key, doc)
+                    self.metrics.inc("user_context.deleted")
+                    return _api_json(200, b'{"deleted":true}')
+                doc = await store.get_user_context(principal_key)
+        except Exception as exc:
+            return self._user_context_failed(exc)
+        self.metrics.inc("user_context.read")
+        return _api_json(200, users.to_json(doc))
+
+    async def _put_user_context(self, context: SessionContext, raw: bytes) -> Any:
+        try:
+            doc = users.parse(raw, self.settings.context_user_max_bytes)
+        except users.UserContextError as exc:
+            self.metrics.inc("user_context.rejected.body")
+            return _api_error(exc.status, str(exc), exc.code)
+        principal_key = self.resolver.principal_key(context.identity)
+        store = self.store.for_tenant(context.identity.tenant)
+        try:
+            async with asyncio.timeout(self.settings.server_deadline_s):
+                await store.put_user_context(principal_key, doc)
+        except Exception as exc:
+            return self._user_context_failed(exc)
+        self.users.stored(principal_key, doc)
+        self.metrics.inc("user_context.written")
+        return _api_json(200, users.to_json(doc))
+
+    def _user_context_failed(self, exc: Exception) -> Any:
+        """The API always fails closed (it is not LLM traffic: nothing to fall back to)."""
+        self.metrics.inc("user_context.failed")
+        log.warning("user context call failed (%s): %s", type(exc).__name__, exc)
+        message = "sessiongate could not reach the user context store; try again"
+        return _api_error(503, message, "user_context_unavailable", "server_error")
+
+
+def _api_error(status: int, message: str, code: str, type_: str = "invalid_request_error") -> Any:
+    return mutations.immediate_error(
+        status, openai_error(message, type_=type_, code=code), f"sessiongate_{code}"
+    )
+
+
+def _api_json(status: int, body: bytes) -> Any:
+    # immediate_error's metadata flag makes Envoy's local-reply mappers pass the body as it is.
+    return mutations.immediate_error(status, body, "sessiongate_user_context")

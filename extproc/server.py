@@ -9,6 +9,7 @@ Envoy never holds a stream open for the length of an LLM call.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,6 +57,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
     async def _rewrite(self, first: Any, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         response, session = self.rewriter.on_request_headers(first)
+        if inspect.isawaitable(response):  # sessiongate's own API (GET/DELETE) needs the store
+            response = await response
         yield response
         if session is None:
             return

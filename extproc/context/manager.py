@@ -1,15 +1,23 @@
 """Per request: fit the session's history into the model's context window.
 
 Injection order (DESIGN, context rules): the system prompt (the request's own system/developer
-messages, else the session's pinned one: counted once, never both), then the rolling summary of
+messages, else the session's pinned one: counted once, never both), then the principal's user
+context (`user`: preferences and settings, one system message within `user_share`), then the
+rolling summary of
 the turns left out (`summary`, produced in the background, within `summary_share`), then their
 key facts (`facts`, one system message within `facts_share` of the prompt), then history, then
 the request's new messages. Which history: the strategy (`strategy`: `auto` picks by query
 kind and phase) is the sliding window (`window.select`), or relevance (`relevance`: the newest
 turns within the rest of `relevance_share`, then the older turns most relevant to the query in
 that share, chronological order restored), or for a tool loop the window with the whole recent
-exchange. What is dropped, in order: the oldest (or least relevant) history turns, the summary
-and facts when a tool exchange needs their room, then the pinned system prompt. A request
+exchange. What is dropped, in order: the oldest (or least relevant) history turns, then, when a
+tool exchange needs their room, the user context, then the summary and facts together, then the
+pinned system prompt. The user context is reserved before history (history is cut to make room
+for it, as for the summary and facts) because it is small, bounded by its share and the same on
+every turn (a stable prefix for prompt caches); it goes whole when it does not fit its share or
+what the request leaves, and first among the extra system messages when a tool exchange needs
+room, since it is about the principal, the summary and facts about this very conversation. A
+request
 that does not fit even on its own is sent unchanged: sessiongate never makes a request exceed
 the window, and never hides that a client's own request does (`request_exceeds_window`).
 """
@@ -68,6 +76,16 @@ class ContextSettings:
     summarizer_model: str = "gpt-4o-mini"
     summarizer_api_key_file: str = ""
     summarizer_timeout_s: float = 30.0
+    user_share: float = 0.05  # of the prompt (less its system prompt), for the user context
+
+
+@dataclass(frozen=True, slots=True)
+class UserContextMessage:
+    """The principal's user context, rendered once per document (byte-identical while it is
+    unchanged) with its token count."""
+
+    message: Message
+    tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +106,7 @@ class ContextPlan:
     query: str = ""  # the query's kind: recall | follow_up | tool_loop | other
     summary_tokens: int = 0  # the summary message injected (0: none)
     relevant_turns: int = 0  # older turns relevance brought back
+    user_tokens: int = 0  # the user-context message injected (0: none)
 
     @property
     def unchanged(self) -> bool:
@@ -103,9 +122,21 @@ class ContextManager:
     """Shared per process. Token counts are cached per turn (keyed by encoding) and per session
     (prefix sums), so a request costs its own messages' counting plus a bisect."""
 
-    def __init__(self, settings: ContextSettings, inc: Inc | None = None) -> None:
+    def __init__(
+        self,
+        settings: ContextSettings,
+        inc: Inc | None = None,
+        *,
+        extract_facts: bool | None = None,
+    ) -> None:
+        """`extract_facts`: scan turns for key facts (default: `settings.facts_share > 0`).
+        With per-route or per-tenant settings, true when any of them uses facts: the turn
+        cache is shared by every policy, so what it holds cannot depend on the request."""
         self.settings = settings
+        self.extract_facts = settings.facts_share > 0 if extract_facts is None else extract_facts
         self.models = ModelTable(settings.models, settings.default_window)
+        # Tables of policies whose default window differs (their `models` are the global ones).
+        self._models_by_window: dict[int, ModelTable] = {settings.default_window: self.models}
         self.encoding = ENCODING_NAME
         self.turn_info = TurnCache(self._turn_info, max_size=500_000)
         self.indexes = HistoryIndexCache(self.turn_info.get)
@@ -135,7 +166,7 @@ class ContextManager:
             messages=len(messages),
             clean_start=turn_starts_clean(turn),
             has_system=bool(turn.system_messages),
-            facts=key_facts.turn_facts(turn) if self.settings.facts_share > 0 else (),
+            facts=key_facts.turn_facts(turn) if self.extract_facts else (),
         )
 
     def plan(
@@ -147,9 +178,14 @@ class ContextManager:
         new_messages: tuple[Message, ...],
         history: Sequence[Turn],
         strategy: str = "",
+        settings: ContextSettings | None = None,
+        user: UserContextMessage | None = None,
     ) -> ContextPlan:
-        """`strategy`: the request's own choice (header), else `settings.strategy`."""
-        s = self.settings
+        """`strategy`: the request's own choice (header), else `settings.strategy`.
+        `settings`: the request's policy (default: the global settings); the caches (turn
+        info, history indexes, facts, summaries) are shared by every policy. `user`: the
+        principal's user context, injected within `user_share`."""
+        s = settings or self.settings
         index = self.indexes.index(f"{self.encoding}\0{session_key}", history)
         pinned: tuple[Message, ...] = ()
         if not system_messages and index.last_system >= 0:
@@ -162,7 +198,7 @@ class ContextManager:
             return ContextPlan(
                 DISABLED, system, history, total_turns=n, strategy=applied, query=query
             )
-        limits = self.models.lookup(model)
+        limits = self._models(s).lookup(model)
         budget = budgets.compute(
             body,
             limits,
@@ -189,40 +225,52 @@ class ContextManager:
                 dropped={"window_tokens": n} if n else {},
                 **common,
             )
-        facts_cap = 0
-        must_cut = index.tokens[n] > budget.history or (
-            s.max_messages > 0 and index.messages[n] > s.max_messages
-        )
         # Shares are of what the window leaves besides the system prompt, not of the history
         # budget, so they do not move with the size of each request (nor their messages).
         share_base = budget.usable - budget.system
+        user_tokens = 0
+        # Whole or not at all: never more than its share or than the request leaves.
+        if user is not None and user.tokens <= min(int(share_base * s.user_share), budget.history):
+            user_tokens = user.tokens
+        room = budget.history - user_tokens
+        facts_cap = 0
+        must_cut = index.tokens[n] > room or (
+            s.max_messages > 0 and index.messages[n] > s.max_messages
+        )
         if s.facts_share > 0 and index.facts and must_cut:
             # History must be cut, so the facts of the turns cut may be needed: reserve their
             # share up front, never more than all the session's facts take.
             share = int(share_base * s.facts_share)
             everything = key_facts.header_tokens() + self._facts_total(index)
-            facts_cap = max(0, min(share, everything, budget.history))
+            facts_cap = max(0, min(share, everything, room))
         summary: Summary | None = None
         summary_cap = 0
         if s.summary_share > 0 and must_cut:
             summary = self.summaries.ready(session_key, history)
             if summary is not None:
                 share = int(share_base * s.summary_share)
-                summary_cap = max(0, min(share, summary.total_tokens, budget.history - facts_cap))
+                summary_cap = max(0, min(share, summary.total_tokens, room - facts_cap))
         must_keep_last = not starts_clean(new_messages)
         chosen, older = self._select(
-            index,
-            history,
-            budget.history - facts_cap - summary_cap,
-            applied,
-            must_keep_last,
-            new_messages,
+            s, index, history, room - facts_cap - summary_cap, applied, must_keep_last, new_messages
         )
+        if not chosen.fits and user_tokens:
+            # The tool exchange in progress outranks the user context (dropped first)...
+            user_tokens, room = 0, budget.history
+            chosen, older = self._select(
+                s,
+                index,
+                history,
+                room - facts_cap - summary_cap,
+                applied,
+                must_keep_last,
+                new_messages,
+            )
         if not chosen.fits and (facts_cap or summary_cap):
-            # The tool exchange in progress outranks the summary and the facts.
+            # ... and the summary and the facts.
             facts_cap = summary_cap = 0
             chosen, older = self._select(
-                index, history, budget.history, applied, must_keep_last, new_messages
+                s, index, history, room, applied, must_keep_last, new_messages
             )
         if not chosen.fits:
             return ContextPlan(
@@ -235,6 +283,12 @@ class ContextManager:
                 **common,
             )
         role = system[0].get("role", "system") if system else "system"
+        if user_tokens and user is not None:
+            message = user.message
+            system = (
+                *system,
+                message if message.get("role") == role else {**message, "role": role},
+            )
         summary_message, summary_tokens = None, 0
         if (
             summary is not None
@@ -265,18 +319,32 @@ class ContextManager:
             available=budget.history,
             injected=chosen.tokens,
             prompt_tokens=(
-                budget.request + budget.system + summary_tokens + facts_tokens + chosen.tokens
+                budget.request
+                + budget.system
+                + user_tokens
+                + summary_tokens
+                + facts_tokens
+                + chosen.tokens
             ),
             dropped=chosen.dropped,
             facts=len(facts_message["content"].splitlines()) - 1 if facts_message else 0,
             facts_tokens=facts_tokens,
             summary_tokens=summary_tokens,
             relevant_turns=len(older),
+            user_tokens=user_tokens,
             **common,
         )
 
+    def _models(self, s: ContextSettings) -> ModelTable:
+        found = self._models_by_window.get(s.default_window)
+        if found is None:  # bounded by the configured policies; margins learnt once, shared
+            found = ModelTable(self.settings.models, s.default_window, self.models.calibration)
+            self._models_by_window[s.default_window] = found
+        return found
+
     def _select(
         self,
+        s: ContextSettings,
         index: HistoryIndex,
         history: Sequence[Turn],
         budget: int,
@@ -285,7 +353,6 @@ class ContextManager:
         new_messages: Sequence[Message],
     ) -> tuple[Selection, list[int]]:
         """The newest turns to inject (`Selection`) and, for relevance, the older ones."""
-        s = self.settings
         n = index.n
         if applied == strategies.RELEVANCE and n and budget > 0 and index.tokens[n] > budget:
             # The newest turns within what relevance leaves; not remembered as the window's

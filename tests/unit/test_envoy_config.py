@@ -100,8 +100,11 @@ def test_upstream_prefix_and_sdk_style_v1() -> None:
 def test_only_the_chat_route_runs_the_filters() -> None:
     config = bootstrap(Settings(), [("127.0.0.1", 1)], None)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    chat, other = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    chat, api, other = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     assert "typed_per_filter_config" not in chat
+    # sessiongate's own API: rewrite answers it; without rewrite, a 503, never the provider.
+    assert api["match"] == {"prefix": "/sessiongate/"} and "route" not in api
+    assert list(api["typed_per_filter_config"]) == [CAPTURE_FILTER]
     assert chat["match"]["headers"] == [{"name": "x-session-id", "present_match": True}]
     assert chat["route"]["timeout"] == "0s"
     disabled = other["typed_per_filter_config"]

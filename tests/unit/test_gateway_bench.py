@@ -150,7 +150,7 @@ def test_baseline_is_sessiongate_bootstrap_minus_sessiongate(tmp_path: Path) -> 
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     plain_routes = plain_hcm["route_config"]["virtual_hosts"][0]["routes"]
     assert [r["match"] for r in plain_routes] == [r["match"] for r in routes]
-    assert [r["route"] for r in plain_routes] == [r["route"] for r in routes]
+    assert [r.get("route") for r in plain_routes] == [r.get("route") for r in routes]
     assert plain_listener["address"]["socket_address"]["port_value"] == 0
     assert (
         plain_listener["per_connection_buffer_limit_bytes"]

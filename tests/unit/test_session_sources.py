@@ -106,7 +106,7 @@ def test_header_only_route_requires_the_header() -> None:
 @pytest.mark.parametrize("extra", ["cookie", "body", "fingerprint"])
 def test_other_sources_route_every_chat_request(extra: str) -> None:
     settings = Settings(session_sources=("header", extra))
-    chat, other = routes(settings, Upstream.parse("https://api.openai.com"))
+    chat, _api, other = routes(settings, Upstream.parse("https://api.openai.com"))
     assert chat["match"] == {"path": CHAT_PATH}
     assert "typed_per_filter_config" not in chat
     assert other["typed_per_filter_config"]
