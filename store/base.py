@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from store.model import Turn
@@ -51,6 +52,11 @@ class TurnBackend(Protocol):
         ...
 
     async def get_doc(self, session_key: str, name: str) -> bytes | None: ...
+
+    async def get_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        """`get_doc` for each of `names` (None: no such document), in one query or round
+        trip where the backend can (a commit reads four)."""
+        ...
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Return when everything appended so far is durable in this tier."""

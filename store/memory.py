@@ -229,6 +229,9 @@ class MemoryBackend:
             self._touch(session_key, session)
         return data
 
+    async def get_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        return {name: await self.get_doc(session_key, name) for name in names}
+
     def note_absent(self, session_key: str, name: str) -> None:
         """Remember that the tiers below have no such document (until `put_doc` writes one),
         for a session with an entry here; it goes with the entry."""

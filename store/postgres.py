@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -100,6 +101,9 @@ class _Sql:
             " SET data = excluded.data, updated_at = excluded.updated_at"
         )
         self.get_doc = f"SELECT data FROM {s}.docs WHERE session_key = $1 AND name = $2"
+        self.get_docs = (
+            f"SELECT name, data FROM {s}.docs WHERE session_key = $1 AND name = ANY($2::text[])"
+        )
 
 
 def _status_count(status: str) -> int:
@@ -208,6 +212,10 @@ class PostgresBackend(WriteBehindBackend):
     async def _read_doc(self, session_key: str, name: str) -> bytes | None:
         rows = await self._read("get_doc", self._sql.get_doc, session_key, name)
         return bytes(rows[0]["data"]) if rows else None
+
+    async def _read_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes]:
+        rows = await self._read("get_docs", self._sql.get_docs, session_key, list(names))
+        return {str(row["name"]): bytes(row["data"]) for row in rows}
 
     async def _read(self, what: str, query: str, *args: object) -> list[asyncpg.Record]:
         """A query on a pooled connection, tried twice when the first attempt finds its

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,13 @@ class SQLiteBackend(WriteBehindBackend):
         assert self._reader is not None
         rows = list(await self._reader.execute_fetchall(_GET_DOC, (session_key, name)))
         return bytes(rows[0][0]) if rows else None
+
+    async def _read_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes]:
+        assert self._reader is not None
+        marks = ",".join("?" * len(names))
+        query = f"SELECT name, data FROM docs WHERE session_key = ? AND name IN ({marks})"
+        rows = await self._reader.execute_fetchall(query, (session_key, *names))
+        return {str(row[0]): bytes(row[1]) for row in rows}
 
     async def _commit(self, batch: list[Op]) -> dict[str, int]:
         """One transaction for the whole batch, in queue order."""

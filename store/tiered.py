@@ -743,6 +743,9 @@ class SessionStore:
     async def get_doc(self, session_key: str, name: str) -> bytes | None:
         return await self._get_doc(session_key, name)
 
+    async def get_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        return (await self._get_docs(session_key, names))[0]
+
     async def _get_doc(self, key: str, name: str) -> bytes | None:
         if self.warm is not None:  # shared by replicas: not cached in hot
             with contextlib.suppress(StoreUnavailable):
@@ -796,16 +799,32 @@ class SessionStore:
         self, key: str, names: Sequence[str]
     ) -> tuple[dict[str, bytes | None], frozenset[str]]:
         """The documents, and which of them the warm tier did not have."""
-        if self.warm is not None:
-            with contextlib.suppress(StoreUnavailable):
-                found = await self.warm.get_docs(key, names)
-                missing = frozenset(name for name, data in found.items() if data is None)
-                if self.cold is not None:
-                    for name in missing:
-                        found[name] = await self.cold.get_doc(key, name)
-                return found, missing
-            return {name: await self._get_doc(key, name) for name in names}, frozenset()
+        if self.warm is None:
+            return await self._get_docs_hot_cold(key, names), frozenset()
+        with contextlib.suppress(StoreUnavailable):
+            found = await self.warm.get_docs(key, names)
+            missing = frozenset(name for name, data in found.items() if data is None)
+            if self.cold is not None and missing:
+                found.update(await self.cold.get_docs(key, sorted(missing)))
+            return found, missing
         return {name: await self._get_doc(key, name) for name in names}, frozenset()
+
+    async def _get_docs_hot_cold(self, key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        found: dict[str, bytes | None] = {}
+        ask: list[str] = []
+        for name in names:
+            found[name] = data = await self.hot.get_doc(key, name)
+            if data is None and not self.hot.known_absent(key, name):
+                ask.append(name)
+        if ask and self.cold is not None:
+            # One query for all of them (a new session's first commit asks for four).
+            for name, data in (await self.cold.get_docs(key, ask)).items():
+                found[name] = data
+                if data is not None:
+                    await self.hot.put_doc(key, name, data)
+                else:
+                    self.hot.note_absent(key, name)
+        return found
 
     async def _put_docs(
         self, key: str, changed: Mapping[str, bytes], warm_writes: Mapping[str, bytes]

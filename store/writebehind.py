@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import enum
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from store.base import StoreUnavailable
@@ -201,6 +201,10 @@ class WriteBehindBackend(abc.ABC):
     async def _read_doc(self, session_key: str, name: str) -> bytes | None: ...
 
     @abc.abstractmethod
+    async def _read_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes]:
+        """The committed documents among `names` (absent ones left out)."""
+
+    @abc.abstractmethod
     async def _close_connections(self) -> None: ...
 
     def _start_writer(self) -> None:
@@ -271,15 +275,27 @@ class WriteBehindBackend(abc.ABC):
         await self._enqueue(Op(Kind.PUT_DOC, session_key, self._now(), name=name, record=data))
 
     async def get_doc(self, session_key: str, name: str) -> bytes | None:
+        return (await self.get_docs(session_key, (name,)))[name]
+
+    async def get_docs(self, session_key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        """Queued writes first, then one query for the rest."""
         self._check_open()
+        found: dict[str, bytes | None] = dict.fromkeys(names)
+        rest = list(names)
         queued = self._queued.get(session_key)
         if queued is not None:
-            entry = queued.docs.get(name)
-            if entry is not None:
-                return entry[1]
             if queued.docs_cleared:  # a queued delete: what the database has is gone
-                return None
-        return await self._read_doc(session_key, name)
+                rest = []
+            for name in names:
+                entry = queued.docs.get(name)
+                if entry is not None:
+                    found[name] = entry[1]
+            rest = [name for name in rest if found[name] is None]
+        if len(rest) == 1:
+            found[rest[0]] = await self._read_doc(session_key, rest[0])
+        elif rest:
+            found.update(await self._read_docs(session_key, rest))
+        return found
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Wait until everything queued so far is committed; StoreUnavailable after the timeout

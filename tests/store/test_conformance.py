@@ -318,6 +318,26 @@ async def test_docs_put_get_overwrite(backend: TurnBackend) -> None:
     assert await backend.load("s") == []  # documents are not turns
 
 
+async def test_get_docs_reads_several_documents_at_once(backend: TurnBackend) -> None:
+    names = ("meta", "state", "derived", "security")
+    assert await backend.get_docs("s", names) == dict.fromkeys(names)
+    await backend.put_doc("s", "meta", b"m1")
+    await backend.put_doc("s", "state", b"s1")
+    await backend.flush()
+    await backend.put_doc("s", "state", b"s2")  # queued over a committed one
+    await backend.put_doc("s", "derived", b"d1")  # queued only
+    assert await backend.get_docs("s", names) == {
+        "meta": b"m1",
+        "state": b"s2",
+        "derived": b"d1",
+        "security": None,
+    }
+    await backend.flush()
+    assert await backend.get_docs("s", ("derived", "meta")) == {"derived": b"d1", "meta": b"m1"}
+    await backend.delete("s")
+    assert await backend.get_docs("s", names) == dict.fromkeys(names)
+
+
 async def test_docs_are_isolated_between_sessions(backend: TurnBackend) -> None:
     await backend.put_doc("a", "meta", b"for a")
     await backend.put_doc("b", "meta", b"for b")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -318,27 +318,28 @@ async def test_a_marker_waited_out_once_does_not_slow_later_reads(store: Session
     assert await waiter is True
 
 
-async def test_a_commit_asks_the_cold_tier_for_a_missing_document_once(tmp_path: Path) -> None:
+async def test_a_commit_asks_the_cold_tier_for_a_missing_document_once(
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A session without a system prompt has no `derived` document: the writer used to ask
     SQLite for it on every commit (a read and a thread round trip per turn)."""
-    store = await sqlite_store(tmp_path / "s.db")
     cold = store.cold
     assert cold is not None
     asked: list[str] = []
-    original = cold.get_doc
+    get_docs = cold.get_docs
 
-    async def counting_get_doc(session_key: str, name: str) -> bytes | None:
-        asked.append(name)
-        return await original(session_key, name)
+    async def counting(session_key: str, names: Sequence[str]) -> dict[str, bytes | None]:
+        asked.extend(names)
+        return await get_docs(session_key, names)
 
-    cold.get_doc = counting_get_doc  # type: ignore[method-assign]
+    monkeypatch.setattr(cold, "get_docs", counting)
     for n in range(5):
         await run_turn(store, "s", f"t{n}")
         assert await store.wait_for_pending("s", 5)
-    assert asked.count("derived") == 1
+    # The first commit asks for its four documents in one query; later ones ask for none.
+    assert sorted(asked) == ["derived", "meta", "security", "state"]
     info = await store.session_info("s")
     assert info.meta.turns == 5 and info.derived.pinned_system == ()
-    await store.close()
 
 
 async def test_a_commit_writes_only_the_documents_that_changed(tmp_path: Path) -> None:
