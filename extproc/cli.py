@@ -66,6 +66,7 @@ _UP_ONLY = {
     "tls",
     "upstream_ca_file",
     "ext_proc_endpoints",
+    "ext_proc_unix_socket",
     "jwt_jwks_file",
     "jwt_issuer",
     "jwt_audiences",
@@ -172,7 +173,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     endpoints = [
-        split_host_port(e, "ext_proc_endpoints")
+        split_host_port(e, "ext_proc_endpoints", unix_ok=True)
         for e in (settings.ext_proc_endpoints or (settings.grpc_listen,))
     ]
     tls = (Path("/etc/sessiongate/tls/cert.pem"), Path("/etc/sessiongate/tls/key.pem"))

@@ -20,6 +20,7 @@ import certifi
 
 from extproc.config import JWT_AUTHN_NAMESPACE, ConfigError, Settings, split_host_port
 from extproc.mutations import AFFINITY_KEY, METADATA_NAMESPACE, PASS_THROUGH_MODE
+from extproc.sockets import unix_path
 
 EXT_PROC_CLUSTER = "sessiongate_ext_proc"
 UPSTREAM_CLUSTER = "llm_upstream"
@@ -438,6 +439,10 @@ def http_connection_manager(
 
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
+    """`host` `unix:/path` (extproc.sockets): a Unix socket, Envoy's `pipe` address."""
+    path = unix_path(host)
+    if path is not None:
+        return {"pipe": {"path": path}}
     return {"socket_address": {"address": host, "port_value": port}}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import struct
 import urllib.parse
 from collections import deque
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import hpack
+
+from extproc.sockets import remove_stale_socket, unix_path
 
 log = logging.getLogger(__name__)
 
@@ -755,10 +758,19 @@ class GrpcServer:
         self.max_message_bytes = max_message_bytes
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
+        self._unix_path: str | None = None
 
     async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port (useful with port 0)."""
+        """Listen; returns the bound port (useful with port 0). `host` `unix:/path`: a Unix
+        socket (mode 0600, replacing a stale one), port 0."""
         loop = asyncio.get_running_loop()
+        path = unix_path(host)
+        if path is not None:
+            remove_stale_socket(path)
+            self._server = await loop.create_unix_server(lambda: _Connection(self), path)
+            os.chmod(path, 0o600)
+            self._unix_path = path
+            return 0
         self._server = await loop.create_server(
             lambda: _Connection(self), host or None, port, reuse_port=False
         )
@@ -770,3 +782,5 @@ class GrpcServer:
         self._server.close()
         await asyncio.gather(*(c.drain(grace_s) for c in list(self.connections)))
         await self._server.wait_closed()
+        if self._unix_path is not None:
+            remove_stale_socket(self._unix_path)

@@ -127,7 +127,7 @@ async def start_ext_proc(settings: Settings, *, create_key: bool) -> ExtProcServ
     attach_calibration(rewriter, settings, metrics)
     try:
         if settings.grpc_server == "h2":
-            host, port = split_host_port(settings.grpc_listen, "grpc_listen")
+            host, port = split_host_port(settings.grpc_listen, "grpc_listen", unix_ok=True)
             server, port, health = await start_h2_server(
                 ExternalProcessor(rewriter, store, metrics, settings),
                 host,

@@ -23,6 +23,7 @@ from extproc.capture import CaptureObserver, CaptureStream
 from extproc.config import Settings
 from extproc.metrics import Metrics
 from extproc.rewrite import Rewriter
+from extproc.sockets import remove_stale_socket, unix_path
 from store import TurnSink
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,14 @@ async def start_grpc_server(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    path = unix_path(settings.grpc_listen)
+    if path is not None:
+        remove_stale_socket(path)
     port = server.add_insecure_port(settings.grpc_listen)
     if port == 0:
         raise OSError(f"cannot bind the gRPC server to {settings.grpc_listen}")
+    if path is not None:
+        port = 0  # grpcio answers 1 for a Unix socket: there is no port
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(

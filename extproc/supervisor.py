@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from extproc.config import Settings
 from extproc.envoy_config import bootstrap, check_jwks_file
 from extproc.runtime import ExtProcService, start_ext_proc
+from extproc.sockets import grpc_target, socket_dir, unix_listen, unix_path
 from extproc.tls import ensure_local_tls
 from extproc.workers import (
     Worker,
@@ -63,8 +64,9 @@ def envoy_binary() -> str:
     return found
 
 
-async def grpc_serving(port: int) -> bool:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+async def grpc_serving(target: str) -> bool:
+    """`target`: `127.0.0.1:PORT` or `unix:/path`."""
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
@@ -141,6 +143,22 @@ class EnvoyProcess:
             await self.proc.wait()
 
 
+def ext_proc_listens(settings: Settings) -> list[str]:
+    """Where `up`'s ext_proc server and each extra worker listen (extproc.sockets)."""
+    count = settings.workers
+    directory = socket_dir(settings.state_dir, count) if settings.ext_proc_unix_socket else None
+    if directory is None:
+        if settings.ext_proc_unix_socket:
+            log.info("state directory path too long for a socket name: loopback TCP instead")
+        return ["127.0.0.1:0"] * count
+    return [unix_listen(directory, index) for index in range(count)]
+
+
+def _endpoint(listen: str, port: int) -> tuple[str, int]:
+    """The ext_proc cluster's endpoint for a server listening on `listen` (bound `port`)."""
+    return (listen, 0) if unix_path(listen) is not None else ("127.0.0.1", port)
+
+
 async def run_up(settings: Settings) -> int:
     if settings.jwt_jwks_file is not None:
         check_jwks_file(settings.jwt_jwks_file)  # ConfigError: exit 2, nothing started
@@ -154,14 +172,18 @@ async def run_up(settings: Settings) -> int:
     workers: list[Worker] = []
     envoy = EnvoyProcess(settings.state_dir)
     try:
+        listens = ext_proc_listens(settings)
         local = worker_settings(settings, settings.workers) if settings.workers > 1 else settings
         service = await start_ext_proc(
-            dataclasses.replace(local, workers=settings.workers), create_key=True
+            dataclasses.replace(local, workers=settings.workers, grpc_listen=listens[0]),
+            create_key=True,
         )
-        workers = await start_workers(settings, settings.workers - 1)
+        workers = await start_workers(settings, listens[1:])
         if workers:
             service.more_counters = lambda: worker_counters(workers)
-        endpoints = [("127.0.0.1", service.port)] + [("127.0.0.1", w.grpc_port) for w in workers]
+        endpoints = [_endpoint(listens[0], service.port)] + [
+            _endpoint(listen, w.grpc_port) for listen, w in zip(listens[1:], workers, strict=True)
+        ]
         config = bootstrap(
             settings,
             endpoints,
@@ -171,7 +193,7 @@ async def run_up(settings: Settings) -> int:
         await envoy.start(config, settings.log_level)
         deadline = time.monotonic() + READY_TIMEOUT_S
         _admin, port = await envoy.wait_ready(deadline)
-        if not await grpc_serving(service.port):
+        if not await grpc_serving(grpc_target(*endpoints[0])):
             raise StartupError("the ext_proc server is not SERVING")
         host = settings.listen.rpartition(":")[0].strip("[]")
         scheme = "https" if tls else "http"

@@ -67,23 +67,26 @@ def worker_settings(settings: Settings, workers: int) -> Settings:
     )
 
 
-async def start_workers(settings: Settings, count: int) -> list[Worker]:
-    """Start `count` worker processes; all or none (a failed start stops the others)."""
+async def start_workers(settings: Settings, listens: Sequence[str]) -> list[Worker]:
+    """Start a worker process per address in `listens` (`HOST:0` or `unix:/path`); all or
+    none (a failed start stops the others)."""
+    if not listens:
+        return []
     path = settings.state_dir / "worker-settings.pickle"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        pickle.dump(worker_settings(settings, count + 1), fh)
+        pickle.dump(worker_settings(settings, len(listens) + 1), fh)
     started: list[Worker] = []
     try:
-        for _ in range(count):
-            started.append(await _start_one(path))
+        for listen in listens:
+            started.append(await _start_one(path, listen))
     except BaseException:
         await stop_workers(started)
         raise
     return started
 
 
-async def _start_one(settings_path: Path) -> Worker:
+async def _start_one(settings_path: Path, listen: str) -> Worker:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -93,6 +96,7 @@ async def _start_one(settings_path: Path) -> Worker:
         "-m",
         "extproc.workers",
         str(settings_path),
+        listen,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -168,6 +172,7 @@ async def _serve(settings: Settings) -> int:
 def main(argv: Sequence[str]) -> int:
     with open(argv[0], "rb") as fh:
         settings = pickle.load(fh)  # written 0600 by our own parent, never by a client
+    settings = dataclasses.replace(settings, grpc_listen=argv[1])
     logging.basicConfig(
         level=getattr(logging, settings.log_level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s worker {os.getpid()} %(name)s: %(message)s",

@@ -3,8 +3,11 @@ grpcio's asyncio server (`--grpc-server grpcio`)."""
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tests.e2e.conftest import Gateway, Mock, marker, start_gateway
 
@@ -65,3 +68,36 @@ def test_an_unknown_transport_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="grpc_server"):
         validate(Settings(grpc_server="grpc-go"))
+
+
+def _ext_proc_addresses(gateway: Gateway) -> list[dict[str, Any]]:
+    config = yaml.safe_load((gateway.state_dir / "envoy.yaml").read_text())
+    (cluster,) = (
+        c for c in config["static_resources"]["clusters"] if c["name"] == "sessiongate_ext_proc"
+    )
+    return [
+        endpoint["endpoint"]["address"]
+        for group in cluster["load_assignment"]["endpoints"]
+        for endpoint in group["lb_endpoints"]
+    ]
+
+
+def test_up_reaches_its_ext_proc_server_over_a_private_unix_socket(gateway: Gateway) -> None:
+    (address,) = _ext_proc_addresses(gateway)
+    path = Path(address["pipe"]["path"])
+    assert path == gateway.state_dir.resolve() / "run" / "extproc-0.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # only sessiongate's user connects
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_loopback_tcp_when_unix_sockets_are_off(mock: Mock, tmp_path: Path) -> None:
+    gateway = start_gateway(tmp_path / "tcp", mock.url, "--ext-proc-unix-socket", "false")
+    try:
+        (address,) = _ext_proc_addresses(gateway)
+        assert address["socket_address"]["address"] == "127.0.0.1"
+        assert address["socket_address"]["port_value"] > 0
+        assert not (gateway.state_dir / "run").exists()
+        _conversation(gateway, mock, "s-tcp")
+    finally:
+        assert gateway.proc.stop() == 0, gateway.proc.log()

@@ -36,7 +36,8 @@ def _converse(gateway: Gateway, mock: Mock, session: str, turns: int) -> list[An
 def _requests_per_worker(gateway: Gateway) -> dict[str, int]:
     with urllib.request.urlopen(f"{gateway.admin}/clusters") as response:
         text = response.read().decode()
-    found = re.findall(r"^sessiongate_ext_proc::([\d.]+:\d+)::rq_total::(\d+)$", text, re.M)
+    # A host is ADDRESS:PORT, or a Unix socket's path (`up` listens on those by default).
+    found = re.findall(r"^sessiongate_ext_proc::(\S+?)::rq_total::(\d+)$", text, re.M)
     return {host: int(n) for host, n in found}
 
 

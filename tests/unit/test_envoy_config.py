@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from extproc.cli import main
-from extproc.config import ConfigError, Settings
+from extproc.config import ConfigError, Settings, split_host_port
 from extproc.envoy_config import (
     CAPTURE_FILTER,
     JWT_FILTER,
@@ -23,7 +23,7 @@ from extproc.envoy_config import (
     check_jwks_file,
     jwt_authn_filter,
 )
-from extproc.supervisor import envoy_binary
+from extproc.supervisor import envoy_binary, ext_proc_listens
 from tests.e2e.jwt_helpers import Issuer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,3 +220,56 @@ def test_up_refuses_a_missing_jwks_file_before_starting_anything(
     assert main(argv) == 2
     assert "jwt_jwks_file: cannot read" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
+
+
+def test_envoy_config_lists_unix_socket_replicas_as_pipes(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    sockets = [f"unix:{tmp_path}/a.sock", f"unix:{tmp_path}/b.sock"]
+    argv = ["envoy-config", "--no-tls", "--upstream", "https://api.openai.com"]
+    assert main([*argv, "--ext-proc-endpoints", ",".join(sockets)]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    (cluster,) = (
+        c for c in config["static_resources"]["clusters"] if c["name"] == "sessiongate_ext_proc"
+    )
+    addresses = [
+        e["endpoint"]["address"] for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    ]
+    assert addresses == [{"pipe": {"path": s.removeprefix("unix:")}} for s in sockets]
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = validate(path)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("unix:/run/sessiongate/extproc.sock", True),
+        ("unix:relative.sock", False),
+        ("unix:/" + "x" * 120, False),
+        ("127.0.0.1:50051", True),
+    ],
+)
+def test_grpc_listen_takes_a_unix_socket_path(value: str, ok: bool) -> None:
+    if ok:
+        assert split_host_port(value, "grpc_listen", unix_ok=True)[0] in (value, "127.0.0.1")
+    else:
+        with pytest.raises(ConfigError, match="unix:/absolute/path"):
+            split_host_port(value, "grpc_listen", unix_ok=True)
+    with pytest.raises(ConfigError):  # where a TCP address is expected, never a socket
+        split_host_port("unix:/run/x.sock", "listen")
+
+
+def test_up_falls_back_to_loopback_tcp_when_the_state_path_is_too_long(tmp_path: Path) -> None:
+    short = Settings(state_dir=tmp_path / "s", workers=2)
+    short.state_dir.mkdir()
+    assert ext_proc_listens(short) == [
+        f"unix:{tmp_path.resolve()}/s/run/extproc-0.sock",
+        f"unix:{tmp_path.resolve()}/s/run/extproc-1.sock",
+    ]
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    assert ext_proc_listens(Settings(state_dir=deep)) == ["127.0.0.1:0"]
+    off = Settings(state_dir=tmp_path / "s", ext_proc_unix_socket=False)
+    assert ext_proc_listens(off) == ["127.0.0.1:0"]
