@@ -61,6 +61,10 @@ def load_hmac_key(path: Path, *, create: bool) -> bytes:
     return key
 
 
+# Memoised digests kept (credentials, session ids and principals of active clients).
+_DIGEST_MEMO = 65_536
+
+
 class IdentityResolver:
     def __init__(
         self,
@@ -76,10 +80,19 @@ class IdentityResolver:
         self._jwt_namespace = jwt_namespace
         self._tenant_claim = tenant_claim
         self._allow_anonymous = allow_anonymous
+        self._digests: dict[tuple[str, ...], str] = {}
 
     def _digest(self, *parts: str) -> str:
-        msg = "\0".join(parts).encode("utf-8", "surrogatepass")
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
+        """HMAC-SHA256 of the parts, memoised: a request takes three (principal, session,
+        principal key), ~4 us each, and the same clients send the same credentials."""
+        found = self._digests.get(parts)
+        if found is None:
+            msg = "\0".join(parts).encode("utf-8", "surrogatepass")
+            found = hmac.new(self._key, msg, hashlib.sha256).hexdigest()
+            if len(self._digests) >= _DIGEST_MEMO:
+                self._digests.clear()  # bounded; refilled by the active clients at once
+            self._digests[parts] = found
+        return found
 
     def resolve(
         self,

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc import identity as identity_module
 from extproc.config import Settings
 from extproc.envoy_config import JWT_FILTER, JWT_PAYLOAD_KEY
 from extproc.identity import (
@@ -519,3 +520,17 @@ def test_load_hmac_key_exactly_32_bytes(tmp_path: Path) -> None:
     path = tmp_path / "ok.key"
     path.write_bytes(b"y" * 32 + b"\n")
     assert load_hmac_key(path, create=False) == b"y" * 32
+
+
+def test_memoised_digests_equal_fresh_ones_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(identity_module, "_DIGEST_MEMO", 8)
+    memo = IdentityResolver(b"k" * 32)
+    for n in range(20):
+        fresh = IdentityResolver(b"k" * 32)  # an empty memo each time
+        who = Identity("t", f"key:{n}")
+        assert memo.session_key(who, "s") == fresh.session_key(who, "s")
+        assert memo.session_key(who, "s") == fresh.session_key(who, "s")  # now from the memo
+        assert memo.api_key_principal(f"sk-{n}") == fresh.api_key_principal(f"sk-{n}")
+        assert len(memo._digests) <= 8
