@@ -1,5 +1,8 @@
 """A simulated OpenAI Chat Completions provider: the project's own HTTP/1.1 test peer.
 
+It also answers Anthropic Messages requests (``POST {prefix}/v1/messages``): see
+extproc.mock_anthropic, which uses this module's knobs, faults and request log.
+
 It answers ``POST {prefix}/v1/chat/completions`` with JSON, or with Server-Sent Events when the
 request has ``"stream": true``, and its replies are derived from the request so a test can tell
 what the provider actually received.
@@ -216,6 +219,7 @@ class _Knobs:
     context_window: int | None = None
     token_factor: float | None = None
     prefix_cache: bool | None = None
+    error_event: bool = False  # Anthropic streams: an `event: error` instead of the end
 
 
 @dataclass
@@ -290,6 +294,8 @@ def _parse_knobs(headers: Mapping[str, str]) -> _Knobs:
             knobs.truncate_json = True
         elif fault == "hang":
             knobs.hang = True
+        elif fault == "sse-error":
+            knobs.error_event = True
         else:
             raise _bad_knob("x-mock-fault", raw)
     return knobs
@@ -926,6 +932,9 @@ def make_app(options: MockOptions) -> web.Application:
     app = web.Application(middlewares=[_log_middleware], client_max_size=64 * 1024 * 1024)
     app[STATE_KEY] = MockState(options=options, prefix=prefix)
     app.router.add_post(f"{prefix}/v1/chat/completions", _chat)
+    from extproc import mock_anthropic  # it builds on this module's helpers
+
+    app.router.add_post(f"{prefix}/v1/messages", mock_anthropic.messages)
     for base in {"", prefix}:
         app.router.add_get(f"{base}/_mock/requests", _list_requests)
         app.router.add_delete(f"{base}/_mock/requests", _clear_requests)

@@ -107,6 +107,7 @@ class ContextPlan:
     summary_tokens: int = 0  # the summary message injected (0: none)
     relevant_turns: int = 0  # older turns relevance brought back
     user_tokens: int = 0  # the user-context message injected (0: none)
+    margin: float = 0.0  # the safety margin the budget applied to our token counts
 
     @property
     def unchanged(self) -> bool:
@@ -209,6 +210,7 @@ class ContextManager:
             image_tokens=s.image_tokens,
         )
         common: dict[str, Any] = {
+            "margin": budget.margin,
             "window": limits.window,
             "reserved_output": budget.reserved_output,
             "total_turns": n,

@@ -50,6 +50,7 @@ from typing import Any
 import orjson
 
 from extproc.context.window import turn_starts_clean
+from extproc.protocols.anthropic_convert import strip_for_openai
 from extproc.protocols.wire import TurnWireCache, joined
 from extproc.tokens import count_reply
 from store.model import Message, Turn, Usage
@@ -410,7 +411,9 @@ def pinned_system(history: Sequence[Turn]) -> tuple[Message, ...]:
 
 
 def _turn_wire(turn: Turn) -> bytes:
-    return joined(turn.messages())
+    # Once per stored turn (cached): a turn taken from an Anthropic request may carry its
+    # original blocks under a key the OpenAI API would reject.
+    return joined([strip_for_openai(m) for m in turn.messages()])
 
 
 # A history turn's messages as spliced into the body (see extproc/protocols/wire.py).
@@ -478,7 +481,7 @@ def _build_body_slowly(
         skip += 1
     messages: list[Message] = list(system)
     for turn in history[skip:]:
-        messages.extend(turn.messages())
+        messages.extend(strip_for_openai(m) for m in turn.messages())
     messages.extend(request.new_messages)
     body["messages"] = messages
     return _dumps(body), skip
