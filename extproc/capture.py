@@ -17,11 +17,9 @@ from extproc.context.calibration import ESTIMATED_USAGE
 from extproc.context.manager import FIT, TRIMMED
 from extproc.decoding import BodyDecoder, DecodingError, UnsupportedEncoding, make_decoder
 from extproc.metrics import Metrics
-from extproc.protocols.openai_chat import (
-    CapturedReply,
-    ChatStreamAccumulator,
-    parse_chat_json,
-)
+from extproc.protocols import formats
+from extproc.protocols.formats import StreamAccumulator, WireFormat
+from extproc.protocols.openai_chat import CapturedReply
 from extproc.sse import SSEDecoder, SSEError
 from extproc.tokens import turn_token_counts
 from store import PendingTurn, TurnSink
@@ -48,6 +46,16 @@ def planned_estimate(request: Any) -> int:
     if fields["context_outcome"].string_value not in PLANNED:
         return 0
     return int(fields["context_prompt_estimate"].number_value)
+
+
+def wire_format(request: Any) -> WireFormat:
+    """The format rewrite recorded for this turn (dynamic metadata; absent: OpenAI chat)."""
+    filter_metadata = request.metadata_context.filter_metadata
+    if mutations.METADATA_NAMESPACE in filter_metadata:
+        fields = filter_metadata[mutations.METADATA_NAMESPACE].fields
+        if formats.METADATA_KEY in fields:
+            return formats.by_name(fields[formats.METADATA_KEY].string_value)
+    return formats.OPENAI
 
 
 def has_media(messages: tuple[Message, ...]) -> bool:
@@ -84,7 +92,8 @@ class CaptureStream:
         self.pending: PendingTurn | None = None
         self.decoder: BodyDecoder | None = None
         self.sse: SSEDecoder | None = None
-        self.accumulator: ChatStreamAccumulator | None = None
+        self.accumulator: StreamAccumulator | None = None
+        self.wire: WireFormat = formats.OPENAI
         self.json_body = bytearray()
         self.finished = False
 
@@ -103,6 +112,7 @@ class CaptureStream:
         self.store.mark_responding(self.pending.turn_id)
         if self.usage_observer is not None:
             self.planned = planned_estimate(request)
+        self.wire = wire_format(request)
         headers = mutations.headers_dict(request.response_headers)
         status = headers.get(":status", "")
         if not status.startswith("2"):
@@ -113,7 +123,7 @@ class CaptureStream:
             return self._abandon("unsupported_encoding")
         if headers.get("content-type", "").lower().startswith("text/event-stream"):
             self.sse = SSEDecoder()
-            self.accumulator = ChatStreamAccumulator()
+            self.accumulator = self.wire.stream_accumulator()
         if request.response_headers.end_of_stream:
             return self._finish()
         return True
@@ -153,7 +163,7 @@ class CaptureStream:
         if self.accumulator is not None:
             reply: CapturedReply = self.accumulator.result(estimate)
         else:
-            reply = parse_chat_json(bytes(self.json_body), estimate)
+            reply = self.wire.parse_json(bytes(self.json_body), estimate)
         if not reply.complete or reply.error:
             return self._abandon("incomplete" if not reply.error else "provider_error")
         self.finished = True

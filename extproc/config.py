@@ -195,6 +195,9 @@ class Settings:
     # writes are seen at once; another worker's or replica's within this delay). 0: no cache.
     context_user_cache_s: float = 5.0
     context_user_max_bytes: int = 16384  # largest user-context document a principal may PUT
+    # Anthropic Messages: mark the injected prefix (system blocks, last history message) with
+    # cache_control breakpoints, within Anthropic's 4 per request (the client's own first).
+    context_cache_breakpoints: bool = True
     # [context.models."<model>"] window / max_output / margin / family / reasoning;
     # [context.routes."<path prefix>"] and [tenants.<name>.context]: overrides (context.policy).
     context: dict[str, Any] = field(default_factory=dict)

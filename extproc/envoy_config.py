@@ -2,8 +2,9 @@
 
 Layout: one listener (TLS by default) -> HTTP connection manager -> [jwt_authn, when
 `jwt_jwks_file` is set] -> rewrite ext_proc (blocking) -> capture ext_proc (observability mode)
--> router -> the provider. Only the chat route with a session header runs the ext_proc filters;
-every other route disables both per route, so it costs nothing.
+-> router -> the provider. Only the LLM routes (OpenAI chat completions, Anthropic messages)
+with a session header run the ext_proc filters; every other route disables both per route, so
+it costs nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ UPSTREAM_CLUSTER = "llm_upstream"
 REWRITE_FILTER = "sessiongate.rewrite"
 CAPTURE_FILTER = "sessiongate.capture"
 CHAT_PATH = "/v1/chat/completions"
+MESSAGES_PATH = "/v1/messages"  # Anthropic Messages (extproc.protocols.anthropic_messages)
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
@@ -247,20 +249,21 @@ CONTEXT_HEADERS = {
     "x-sessiongate-relevant-turns": "context_relevant_turns",
     "x-sessiongate-policy": "context_policy",
     "x-sessiongate-user-tokens": "context_user_tokens",
+    "x-sessiongate-margin": "context_margin_permille",
 }
 # sessiongate's own API (extproc.user_context), answered by the rewrite filter.
 API_PREFIX = "/sessiongate/"
 
 
-def chat_paths(settings: Settings) -> list[str]:
-    """The chat path, and one per `[context.routes]` prefix that does not already cover it
+def chat_paths(settings: Settings, api_path: str = CHAT_PATH) -> list[str]:
+    """The API path, and one per `[context.routes]` prefix that does not already cover it
     (`/support` -> `/support/v1/chat/completions`: clients use `<listen>/support/v1`)."""
     from extproc.config import context_table
 
-    paths = [CHAT_PATH]
+    paths = [api_path]
     for prefix in context_table(settings.context).get("routes", {}):
-        if not CHAT_PATH.startswith(prefix):
-            paths.append(prefix.rstrip("/") + CHAT_PATH)
+        if not api_path.startswith(prefix):
+            paths.append(prefix.rstrip("/") + api_path)
     return paths
 
 
@@ -276,7 +279,9 @@ def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
     # unchanged when only the body could have named one).
     header_only = tuple(settings.session_sources) == ("header",)
     chats = [
-        _chat_route(settings, upstream, action, path, header_only) for path in chat_paths(settings)
+        _chat_route(settings, upstream, action, path, header_only, api_path)
+        for api_path in (CHAT_PATH, MESSAGES_PATH)
+        for path in chat_paths(settings, api_path)
     ]
     api = {
         # Answered by the rewrite filter (an immediate response); reached only when it is
@@ -303,11 +308,19 @@ def routes(settings: Settings, upstream: Upstream) -> list[dict[str, Any]]:
 
 
 def _chat_route(
-    settings: Settings, upstream: Upstream, action: dict[str, Any], path: str, header_only: bool
+    settings: Settings,
+    upstream: Upstream,
+    action: dict[str, Any],
+    path: str,
+    header_only: bool,
+    api_path: str = CHAT_PATH,
 ) -> dict[str, Any]:
-    name = "chat_completions_with_session" if header_only else "chat_completions"
-    if path != CHAT_PATH:
-        name += ":" + path[: -len(CHAT_PATH)]
+    """An LLM API route (OpenAI chat or Anthropic Messages) running both filters."""
+    name = "chat_completions" if api_path == CHAT_PATH else "messages"
+    if header_only:
+        name += "_with_session"
+    if path != api_path:
+        name += ":" + path[: -len(api_path)]
     return {
         "name": name,
         "match": (
@@ -318,7 +331,7 @@ def _chat_route(
             if header_only
             else {"path": path}
         ),
-        "route": {**action, "prefix_rewrite": upstream.path_prefix + CHAT_PATH},
+        "route": {**action, "prefix_rewrite": upstream.path_prefix + api_path},
         # Envoy buffers the body for the rewrite filter and holds the rewritten one in the same
         # buffer, so its limit is the rewritten maximum; sessiongate itself answers 413 above
         # max_body_bytes (Envoy's own 413 only covers HTTP/1.1 clients).

@@ -26,7 +26,9 @@ from extproc.context.window import SIZE_LIMIT
 from extproc.errors import openai_error
 from extproc.identity import ANONYMOUS, Identity, IdentityResolver, valid_session_id
 from extproc.metrics import Metrics
+from extproc.protocols import formats
 from extproc.protocols import openai_chat as chat
+from extproc.protocols.formats import WireFormat
 from extproc.session_ops import SessionOp, SessionOpError, parse_session_op
 from store import PendingTurn, SessionStore, StoreRouter
 from store.session import UserContext
@@ -48,6 +50,7 @@ class SessionContext:
     strategy: str = ""  # the request's x-sessiongate-strategy (empty: the policy's)
     policy: Policy | None = None  # the context settings for its tenant and route
     endpoint: str = ""  # sessiongate's own API (user_context.PATH), not a chat request
+    wire: WireFormat = formats.OPENAI  # the request's wire format, by its path
 
 
 def context_settings(settings: Settings) -> ContextSettings:
@@ -129,11 +132,13 @@ class Rewriter:
         if session_id is None and not body_stage:
             self.metrics.inc("rewrite.pass_through.not_applicable")
             return mutations.request_headers_pass_through(remove), None
+        wire = formats.for_path(path)
+        error = (wire or formats.OPENAI).error_body  # the provider's own error shape
         mode = headers.get(settings.client_mode_header, "").strip().lower()
         if mode and mode not in client_modes.MODES:
             self.metrics.inc("rewrite.rejected.client_mode")
             name = settings.client_mode_header
-            body = openai_error(
+            body = error(
                 f"invalid {name}: expected one of {', '.join(client_modes.MODES)}",
                 code="invalid_client_mode",
                 param=name,
@@ -141,7 +146,7 @@ class Rewriter:
             return mutations.immediate_error(400, body, "sessiongate_invalid_client_mode"), None
         if session_id is not None and not valid_session_id(session_id):
             self.metrics.inc("rewrite.rejected.session_id")
-            body = openai_error(
+            body = error(
                 f"invalid {header}: expected 1-128 characters from [A-Za-z0-9._:-]",
                 code="invalid_session_id",
                 param=header,
@@ -154,18 +159,18 @@ class Rewriter:
             except SessionOpError as exc:
                 self.metrics.inc("rewrite.rejected.session_op")
                 name = self.settings.session_op_header
-                body = openai_error(f"invalid {name}: {exc}", code="invalid_session_op", param=name)
+                body = error(f"invalid {name}: {exc}", code="invalid_session_op", param=name)
                 return mutations.immediate_error(400, body, "sessiongate_invalid_session_op"), None
         strategy = headers.get(STRATEGY_HEADER, "").strip().lower()
         if strategy and strategy not in STRATEGIES:
             self.metrics.inc("rewrite.rejected.strategy")
-            body = openai_error(
+            body = error(
                 f"invalid {STRATEGY_HEADER}: expected one of {', '.join(STRATEGIES)}",
                 code="invalid_strategy",
                 param=STRATEGY_HEADER,
             )
             return mutations.immediate_error(400, body, "sessiongate_invalid_strategy"), None
-        if not self._is_chat_request(headers):
+        if wire is None or not self._is_chat_request(headers):
             self.metrics.inc("rewrite.pass_through.not_applicable")
             return mutations.request_headers_pass_through(remove), None
         identity = self.resolver.resolve(
@@ -190,6 +195,7 @@ class Rewriter:
             source,
             strategy,
             policy,
+            wire=wire,
         )
         return mutations.request_headers_continue(remove), context
 
@@ -212,9 +218,7 @@ class Rewriter:
                     self.metrics.inc("rewrite.session_source.invalid.cookie")
         return None, sources.HEADER
 
-    def _session_from_body(
-        self, context: SessionContext, parsed: chat.ChatRequest
-    ) -> SessionContext | None:
+    def _session_from_body(self, context: SessionContext, parsed: Any) -> SessionContext | None:
         """The context completed by the first body-stage source that finds a session."""
         for source in self.settings.session_sources:
             value: str | None = None
@@ -235,9 +239,8 @@ class Rewriter:
 
     @staticmethod
     def _is_chat_request(headers: dict[str, str]) -> bool:
+        """A POST of an uncompressed JSON body (the path already named a wire format)."""
         if headers.get(":method") != "POST":
-            return False
-        if not headers.get(":path", "").partition("?")[0].endswith(CHAT_SUFFIX):
             return False
         # A compressed request body cannot be rewritten: documented pass-through.
         if headers.get("content-encoding", "identity").strip().lower() != "identity":
@@ -250,14 +253,14 @@ class Rewriter:
             return await self._put_user_context(context, raw)
         if len(raw) > self.settings.max_body_bytes:
             self.metrics.inc("rewrite.rejected.too_large")
-            body = openai_error(
+            body = context.wire.error_body(
                 f"request body of {len(raw)} bytes exceeds the gateway's limit of "
                 f"{self.settings.max_body_bytes} bytes (max_body_bytes)",
                 code="request_too_large",
             )
             return mutations.immediate_error(413, body, "sessiongate_body_too_large")
         try:
-            parsed = chat.parse_request(raw)
+            parsed = context.wire.parse_request(raw)
         except chat.RequestError as exc:
             # The provider answers the bad request in its own words; we add nothing.
             self.metrics.inc("rewrite.pass_through.unparseable")
@@ -278,14 +281,16 @@ class Rewriter:
             log.warning("rewrite failed (%s): %s", type(exc).__name__, exc)
             if self.settings.fail_open:
                 return mutations.request_body_unchanged()
-            body = openai_error(
+            body = context.wire.error_body(
                 "sessiongate could not load this session's memory; try again",
                 type_="server_error",
                 code="session_unavailable",
             )
             return mutations.immediate_error(503, body, "sessiongate_rewrite_failed")
 
-    async def _rewrite(self, context: SessionContext, parsed: chat.ChatRequest) -> Any:
+    async def _rewrite(self, context: SessionContext, parsed: Any) -> Any:
+        """`parsed`: the wire format's request (body, system_messages, new_messages, model;
+        messages in the store's shape)."""
         key = context.session_key
         tenant = context.identity.tenant
         store = self.store.for_tenant(tenant)
@@ -330,21 +335,21 @@ class Rewriter:
         )
         body = b""
         dropped = 0
+        build, limit = context.wire.build_body, self.settings.upstream_body_limit
+        breakpoints = self.settings.context_cache_breakpoints
         if plan.unchanged and seen.mode == client_modes.MANAGE and plan.turns == ():
             # The client's body repeats its whole history: send the request's own part only
             # (unless a tool exchange would lose its calls; then the client's body as it is).
             if plan.outcome != TOOL_EXCHANGE_TOO_LARGE:
-                body, _ = chat.build_body(
-                    parsed, (), self.settings.upstream_body_limit, parsed.system_messages
-                )
+                body, _ = build(parsed, (), limit, parsed.system_messages, breakpoints)
         elif not plan.unchanged:
-            body, dropped = chat.build_body(
-                parsed, plan.turns, self.settings.upstream_body_limit, plan.system
-            )
+            body, dropped = build(parsed, plan.turns, limit, plan.system, breakpoints)
             if dropped:
                 self.metrics.inc("rewrite.turns_dropped_for_size", dropped)
         figures = self._context_figures(plan, dropped)
         figures["context_policy"] = policy.name
+        if context.wire is not formats.OPENAI:  # capture decodes the reply in this format
+            figures[formats.METADATA_KEY] = context.wire.name
         turn_id = self.store.new_turn_id(tenant)
         self.store.begin_turn(
             PendingTurn(
@@ -413,6 +418,7 @@ class Rewriter:
             "context_summary_tokens": plan.summary_tokens,
             "context_relevant_turns": plan.relevant_turns,
             "context_user_tokens": 0 if plan.unchanged else plan.user_tokens,
+            "context_margin_permille": round(plan.margin * 1000),
         }
 
     async def _apply_op(self, store: SessionStore, context: SessionContext, op: SessionOp) -> None:

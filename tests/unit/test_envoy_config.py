@@ -100,8 +100,13 @@ def test_upstream_prefix_and_sdk_style_v1() -> None:
 def test_only_the_chat_route_runs_the_filters() -> None:
     config = bootstrap(Settings(), [("127.0.0.1", 1)], None)
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-    chat, api, other = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    chat, messages, api, other = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     assert "typed_per_filter_config" not in chat
+    # Anthropic Messages: the same filters, the same session match, its own upstream path.
+    assert "typed_per_filter_config" not in messages
+    assert messages["match"]["path"] == "/v1/messages"
+    assert messages["route"]["prefix_rewrite"] == "/v1/messages"
+    assert messages["match"]["headers"] == chat["match"]["headers"]
     # sessiongate's own API: rewrite answers it; without rewrite, a 503, never the provider.
     assert api["match"] == {"prefix": "/sessiongate/"} and "route" not in api
     assert list(api["typed_per_filter_config"]) == [CAPTURE_FILTER]

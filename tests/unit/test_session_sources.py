@@ -106,7 +106,8 @@ def test_header_only_route_requires_the_header() -> None:
 @pytest.mark.parametrize("extra", ["cookie", "body", "fingerprint"])
 def test_other_sources_route_every_chat_request(extra: str) -> None:
     settings = Settings(session_sources=("header", extra))
-    chat, _api, other = routes(settings, Upstream.parse("https://api.openai.com"))
+    chat, messages, _api, other = routes(settings, Upstream.parse("https://api.openai.com"))
     assert chat["match"] == {"path": CHAT_PATH}
-    assert "typed_per_filter_config" not in chat
+    assert messages["match"] == {"path": "/v1/messages"}  # Anthropic Messages alike
+    assert "typed_per_filter_config" not in chat and "typed_per_filter_config" not in messages
     assert other["typed_per_filter_config"]
