@@ -11,6 +11,11 @@ off the window before the margin scales our (cl100k) counts. The request's own p
 system/developer messages, its new messages (images and audio at fixed estimates), its `tools`
 (and legacy `functions`) and `response_format` schemas as compact JSON, and the 3 tokens
 priming the reply.
+
+Anthropic Messages requests are planned in the same terms: their `system` and messages are
+converted to the store's message shape first (extproc.protocols.anthropic_convert), `tools`
+(Anthropic's `input_schema` included) are counted as they are, and `max_tokens`, which
+Anthropic requires, is the reserved output.
 """
 
 from __future__ import annotations
