@@ -5,10 +5,13 @@ Rewrite used to re-encode the whole history on every request (and once more just
 Each protocol keeps one `TurnWireCache`; `build_body` splices the cached pieces into the
 request's own JSON without re-encoding them.
 
-Keyed by turn id, and valid only for the very Turn object it was made from (`is`): the hot
-tier hands out the same objects request after request, so hits are the rule, and a turn
-reloaded from Redis or the cold tier, or another turn under the same id (store-level callers
-can make one), is simply encoded again. Bounded by bytes, least recently used first.
+Keyed by turn id, and valid only for a Turn equal to the one it was made from: the hot tier
+hands out the same objects request after request (an `is` check), and a turn reloaded from
+Redis or the cold tier decodes to an equal one (a C-level comparison of a few small dicts, far
+cheaper than tokenizing it and scanning it for key facts again: a 50-message session read from
+Redis spent ~30% of sessiongate's CPU there). Another turn under the same id (a fork's copy at
+another seq, an import that reuses ids) is not equal, so it is derived again, never served a
+value of someone else's turn. Bounded by bytes, least recently used first.
 
 `TurnCache` is the same cache for any value derived from a turn: extproc.context keeps each
 turn's token count in one, keyed by encoding.
@@ -65,7 +68,9 @@ class TurnCache(Generic[T]):
     def get(self, turn: Turn) -> T:
         items = self._items
         entry = items.get(turn.turn_id)
-        if entry is not None and entry[0] is turn:
+        if entry is not None and (entry[0] is turn or entry[0] == turn):
+            if entry[0] is not turn:  # a reloaded copy: the next lookup finds it by `is`
+                items[turn.turn_id] = (turn, entry[1])
             items.move_to_end(turn.turn_id)
             self.hits += 1
             return entry[1]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 
 from extproc.protocols.wire import TurnWireCache, joined
+from store.codec import DEFAULT_CODEC
 from store.model import Turn
 
 
@@ -38,6 +41,22 @@ def test_another_object_under_the_same_id_is_encoded_again() -> None:
     assert b'"new"' in cache.get(fresh)
     assert cache.get(fresh) is cache.get(fresh)
     assert len(cache) == 1
+
+
+def test_an_equal_copy_reloaded_from_another_tier_is_a_hit() -> None:
+    """Redis and the cold tier hand out new objects for the same stored turn: no re-encoding
+    (nor re-tokenizing, nor re-scanning for facts) per request."""
+    cache = TurnWireCache(encode)
+    stored = turn("t1", "answer")
+    first = cache.get(stored)
+    reloaded = DEFAULT_CODEC.decode(DEFAULT_CODEC.encode(stored))
+    assert reloaded is not stored and reloaded == stored
+    assert cache.get(reloaded) is first
+    assert cache.get(reloaded) is first  # and then found by identity
+    assert (cache.hits, cache.misses) == (2, 1)
+    fork_copy = dataclasses.replace(stored, seq=stored.seq + 7)  # same id, another position
+    cache.get(fork_copy)
+    assert cache.misses == 2
 
 
 def test_bounded_by_bytes_least_recently_used_first() -> None:
