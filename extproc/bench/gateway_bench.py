@@ -35,11 +35,12 @@ half of the default hot tier, and each load-sweep row gets a pool of its own), a
 history served, and the part of it actually injected, are reported per row (from the
 `context.dropped_turns.*` counters: sessiongate leaves out the oldest turns beyond the model's
 context window, and beyond `upstream_body_limit`, 32 MiB by default; a 10,000-message session
-is ~600k tokens and ~2.4 MB, so its rows run against a sessiongate whose window for the model
-is raised to 2M tokens). Each run continues the rotation where the previous one stopped and
-passes over the sessions of the requests wrk cut off when it stopped: sessiongate keeps such a
-turn pending (no reply ever reaches capture) and would hold the session's next request for
-`pending_wait_ms`.
+is ~600k tokens and ~2.4 MB, and its rows run against a sessiongate whose window for the model
+is 16,384 tokens, which holds a 50-message session whole: the rows compare what the size of
+the stored history costs, not what moving 2.4 MB through Envoy does). Each run continues the
+rotation where the previous one stopped and passes over the sessions of the requests wrk cut
+off when it stopped: sessiongate keeps such a turn pending (no reply ever reaches capture) and
+would hold the session's next request for `pending_wait_ms`.
 
 Store tiers: "hot" rows run against a default `sessiongate up` (memory + SQLite). "warm" rows
 against one with Redis (`--redis-url`, a prefix of its own, removed afterwards) and a hot tier
@@ -169,6 +170,7 @@ BIG_HISTORY: Final = 10_000
 SEEDED_HISTORY: Final = 2_000  # pools of sessions this big or bigger are written, not forked
 SATURATING_CONNECTIONS: Final = 32
 SATURATING_THREADS: Final = 2
+PROFILED_ROW: Final = "json.c32.h50"
 # With 10,000 stored messages a request moves ~3 MB through sessiongate and both Envoys: 8
 # connections already saturate the machine, and each needs a big session of its own.
 BIG_SATURATING_CONNECTIONS: Final = 8
@@ -258,6 +260,7 @@ _SAT, _BIG_SAT = SATURATING_CONNECTIONS, BIG_SATURATING_CONNECTIONS
 
 # Every row the benchmark reports, in order (one sessiongate per tier, in this order).
 ROWS: Final = (
+    _json(1, 0, identity=False),
     _json(1, 0),
     _json(_SAT, 0),
     _json(_SAT, 0, identity=False),
@@ -333,6 +336,7 @@ class Options:
     litellm: bool = False
     litellm_version: str = litellm_compare.LITELLM_VERSION
     rows: tuple[str, ...] = ROW_IDS
+    profile_row: str = PROFILED_ROW
 
     def specs(self) -> list[RowSpec]:
         return [spec for spec in ROWS if spec.id in self.rows]
@@ -463,6 +467,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "`py-spy record` (if installed) and write its profile here",
     )
     add(
+        "--profile-row",
+        default=PROFILED_ROW,
+        choices=[r.id for r in ROWS if r.kind == "json"],
+        help=f"the JSON row whose load --profile repeats (default {PROFILED_ROW})",
+    )
+    add(
         "--keep-dir",
         type=Path,
         default=None,
@@ -497,6 +507,7 @@ def _options(args: argparse.Namespace) -> Options:
         ),
         litellm=bool(args.litellm),
         rows=tuple(rows),
+        profile_row=args.profile_row,
     )
 
 
@@ -1623,9 +1634,11 @@ class _Bench:
         options = self.options
         specs = self.pool_specs(spec)
         connections = [s.connections for s in specs]
-        profiled = options.profile_dir is not None and any(s.id == "json.c32.h50" for s in specs)
+        profiled = options.profile_dir is not None and any(
+            s.id == options.profile_row for s in specs
+        )
         if profiled:
-            connections.append(SATURATING_CONNECTIONS)
+            connections.append(next(r for r in ROWS if r.id == options.profile_row).connections)
         budget = skip_budget(connections, options.warmup_s > 0)
         seconds = options.duration_s + options.warmup_s
         if spec.kind == "sse":
@@ -1863,8 +1876,9 @@ class _Bench:
 
 
 async def _profile(bench: _Bench, gate: Side, directory: Path) -> dict[str, Any]:
-    """The saturating 50-message load once more, with py-spy sampling sessiongate (not one
-    of the measured windows: sampling costs the sampled process CPU)."""
+    """The profiled row's load once more (`--profile-row`; default the saturating
+    50-message load), with py-spy sampling sessiongate (not one of the measured windows:
+    sampling costs the sampled process CPU)."""
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
@@ -1883,13 +1897,16 @@ async def _profile(bench: _Bench, gate: Side, directory: Path) -> dict[str, Any]
         "--rate",
         "200",
         "--threads",
+        # Only samples holding the GIL: an idle event loop (uvloop waits in native code, with
+        # no Python frame of its own) would otherwise show as Runner.run's self time.
+        "--gil",
         "--nonblocking",
         "--format",
         "raw",
         "--output",
         str(raw),
     ]
-    spec = next(r for r in ROWS if r.id == "json.c32.h50")
+    spec = next(r for r in ROWS if r.id == bench.options.profile_row)
     script = bench._script(spec, "profile")
     wrk = asyncio.ensure_future(
         bench._wrk(gate, spec.connections, spec.threads, seconds + 1, script, "profile")
@@ -1913,6 +1930,7 @@ async def _profile(bench: _Bench, gate: Side, directory: Path) -> dict[str, Any]
     if not text:
         return {"error": f"py-spy wrote no profile: {child.log_tail(500).strip()}"}
     summary = summarize_collapsed(text)
+    summary["row"] = spec.id
     summary["thread_cpu_s"] = {
         name: round(after[name] - before.get(name, 0.0), 3) for name in sorted(after)
     }
@@ -2186,9 +2204,14 @@ async def _measure_all(bench: _Bench) -> None:
             await procs.stop(child)
 
 
-# The model's context window for the 10,000-message rows: ~600k tokens must fit, or the window
-# (128k for gpt-4o-mini) and not the session size would decide what the row measures.
-BIG_WINDOW_TOKENS: Final = 2_000_000
+# The model's context window for the 10,000-message rows. The target asks whether the size of
+# the stored history changes what a request costs, so these rows inject what a model window
+# holds, as sessiongate always does: 16,384 tokens hold a 50-message session whole (~3.5k
+# tokens) and the newest ~200 messages of a 10,000-message one (~600k tokens, ~2.4 MB). With
+# the whole session injected (a 2M-token window; session 2's runs) the row measured moving
+# 2.4 MB through two Envoys and the provider per request (+17 ms, Envoy CPU x15), not context
+# work.
+BIG_WINDOW_TOKENS: Final = 16_384
 _GATEWAY_FLAGS: Final = {
     "hot": (),
     "big": ("--context", f'models."{MODEL}" = {{window = {BIG_WINDOW_TOKENS}}}'),
@@ -2197,8 +2220,8 @@ _GATEWAY_FLAGS: Final = {
 }
 _GATEWAY_NOTES: Final = {
     "big": f"the {BIG_HISTORY:,}-message rows run against a sessiongate whose window for "
-    f"{MODEL} is raised to {BIG_WINDOW_TOKENS:,} tokens (--context), so that the whole "
-    "session is injected (128k tokens would hold ~2,000 messages); everything else default",
+    f"{MODEL} is {BIG_WINDOW_TOKENS:,} tokens (--context): it injects the newest messages that "
+    "window holds, as much as a 50-message session whole; everything else default",
     "warm": f"warm rows: sessiongate with Redis and --hot-max-bytes {TINY_HOT_BYTES} (the hot "
     "tier holds no session: every read is a Redis snapshot)",
     "cold": f"cold rows: sessiongate without Redis and --hot-max-bytes {TINY_HOT_BYTES} (every "
@@ -2291,7 +2314,7 @@ async def _json_phase(
             bench.pool = pool
         await bench.run_row(spec, index, base, gate)
         index += 1
-        if spec.id == "json.c32.h50" and options.profile_dir is not None:
+        if spec.id == options.profile_row and options.profile_dir is not None:
             bench.step = "profiling sessiongate"
             bench.profile = await _profile(bench, gate, options.profile_dir)
     return gate, base, gateway, index

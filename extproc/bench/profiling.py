@@ -16,10 +16,11 @@ def _frame_name(frame: str) -> str:
 
 
 def summarize_collapsed(text: str, top: int = 25) -> dict[str, Any]:
-    """Sample shares from py-spy's raw (collapsed) stacks recorded with `--threads`: per
-    thread, and for the event loop's thread (MainThread) per function (line numbers merged),
-    self and inclusive. Self time in `Runner.run` is native code under the event loop with no
-    Python frame of its own: grpc aio's Cython/C core, uvloop, the garbage collector."""
+    """Sample shares from py-spy's raw (collapsed) stacks recorded with `--threads --gil`
+    (only samples holding the GIL, so an idle loop does not count): per thread, and for the
+    event loop's thread (MainThread) per function (line numbers merged), self and inclusive.
+    Self time in `Runner.run` is native code under the event loop with no Python frame of its
+    own: uvloop's callbacks, grpc aio's Cython/C core, the garbage collector."""
     threads: dict[str, int] = {}
     self_counts: dict[str, int] = {}
     inclusive: dict[str, int] = {}

@@ -509,8 +509,8 @@ def print_profile(profile: dict[str, Any]) -> None:
         if seconds > 0
     )
     print(
-        f"profile of sessiongate under the saturating 50-message load (py-spy, "
-        f"{profile['samples']} samples, {profile['collapsed']})"
+        f"profile of sessiongate under the load of {profile.get('row', 'json.c32.h50')} "
+        f"(py-spy --gil, {profile['samples']} samples, {profile['collapsed']})"
     )
     print(f"  CPU by thread: {shares}")
     print("  event loop thread, self time (Runner.run = native code under the loop):")
