@@ -9,8 +9,8 @@ too; reasoning tokens are part of all three), else a configured default capped a
 `max_output` and at a quarter of the window. It is in the provider's own tokens, so it comes
 off the window before the margin scales our (cl100k) counts. The request's own parts are its
 system/developer messages, its new messages (images and audio at fixed estimates), its `tools`
-(and legacy `functions`) and `response_format` schemas as compact JSON, and the 3 tokens
-priming the reply.
+(and legacy `functions`) and `response_format` schemas as compact JSON, the Responses API's
+`instructions`, and the 3 tokens priming the reply.
 
 Anthropic Messages requests are planned in the same terms: their `system` and messages are
 converted to the store's message shape first (extproc.protocols.anthropic_convert), `tools`
@@ -66,6 +66,14 @@ def schema_tokens(body: Mapping[str, Any]) -> int:
     return n
 
 
+def instructions_tokens(body: Mapping[str, Any]) -> int:
+    """The Responses API's top-level `instructions` (a system message in all but name)."""
+    text = body.get("instructions")
+    if not isinstance(text, str) or not text:
+        return 0
+    return count_message({"role": "system", "content": text}, 0)
+
+
 def messages_tokens(messages: Iterable[Message], image_tokens: int) -> int:
     return sum(count_message(m, image_tokens) for m in messages)
 
@@ -101,7 +109,12 @@ def compute(
 ) -> Budget:
     reserved = reserved_output(body, limits, default_output, reasoning_output)
     margin = limits.safety_margin
-    request = REPLY_PRIMING + messages_tokens(own_messages, image_tokens) + schema_tokens(body)
+    request = (
+        REPLY_PRIMING
+        + messages_tokens(own_messages, image_tokens)
+        + schema_tokens(body)
+        + instructions_tokens(body)
+    )
     return Budget(
         window=limits.window,
         reserved_output=reserved,

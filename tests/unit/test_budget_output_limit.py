@@ -48,3 +48,22 @@ def test_max_output_tokens_shrinks_the_history_budget() -> None:
     assert default.history - asked.history == pytest.approx(
         (2000 - 1024) / (1 + SMALL.safety_margin), abs=1
     )
+
+
+def test_instructions_are_part_of_the_request() -> None:
+    """The Responses API's `instructions` are a system prompt by another name: counted."""
+    message = {"role": "user", "content": "hello"}
+    common: dict[str, Any] = {
+        "own_messages": [message],
+        "injected_system": [],
+        "default_output": 256,
+        "reasoning_output": 256,
+        "image_tokens": 765,
+    }
+    text = "Answer in French, in one short paragraph. " * 20
+    plain = budget.compute({}, SMALL, **common)
+    instructed = budget.compute({"instructions": text}, SMALL, **common)
+    system = budget.messages_tokens([{"role": "system", "content": text}], 0)
+    assert instructed.request - plain.request == system > 100
+    assert instructed.history == plain.history - system
+    assert budget.compute({"instructions": 42}, SMALL, **common).request == plain.request
