@@ -125,10 +125,18 @@ def _count_prompt_parts(parts: list[Any], image_tokens: int) -> int:
     return n
 
 
+# A stored message's original Anthropic content blocks (extproc.protocols.anthropic_convert's
+# ANTHROPIC_CONTENT): an alternative form of its `content`, sent instead of it, never with it.
+# Counting both counted the message twice, and an image's or PDF's base64 as text.
+ALTERNATIVE_CONTENT_KEYS = frozenset({"anthropic_content"})
+
+
 def count_message(message: Message, image_tokens: int = IMAGE_TOKENS) -> int:
     """Prompt tokens of one message by the cookbook formula (framing included, no priming)."""
     n = TOKENS_PER_MESSAGE
     for key, value in message.items():
+        if key in ALTERNATIVE_CONTENT_KEYS:
+            continue
         if isinstance(value, str):
             n += count_text(value)
             if key == "name":

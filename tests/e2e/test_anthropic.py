@@ -14,7 +14,7 @@ import pytest
 from tests.e2e.conftest import Gateway, Mock, start_gateway
 from tests.e2e.test_usage_calibration import poll, stored
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-haiku-4-5"  # in the windows table, and not deprecated by the SDK
 
 
 def client(gateway: Gateway, session: str, api_key: str = "sk-ant-test", **headers: str) -> Any:

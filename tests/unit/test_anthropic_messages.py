@@ -448,3 +448,23 @@ def test_an_error_event_or_a_missing_message_stop_records_nothing() -> None:
     assert not error.complete and error.error == "overloaded_error: Overloaded"
     unfinished = accumulate(mock_events(CONTENT[1:2], no_done=True), [])
     assert not unfinished.complete and unfinished.error is None
+
+
+def test_stored_anthropic_blocks_are_not_counted_twice() -> None:
+    """A stored message keeps its original blocks beside its `content`; only one of the two is
+    ever sent, so the budget counts one (a PDF's base64 counted as text would make the session
+    look huge)."""
+    from extproc import tokens
+    from extproc.protocols.anthropic_convert import ANTHROPIC_CONTENT
+
+    assert ANTHROPIC_CONTENT in tokens.ALTERNATIVE_CONTENT_KEYS
+    plain = {"role": "user", "content": "summarise the attached report"}
+    blob = "JVBERi0xLjQK" * 20_000  # ~240 kB of base64
+    with_blocks = {
+        **plain,
+        ANTHROPIC_CONTENT: [
+            {"type": "document", "source": {"type": "base64", "data": blob}},
+            {"type": "text", "text": "summarise the attached report"},
+        ],
+    }
+    assert tokens.count_message(with_blocks) == tokens.count_message(plain)
