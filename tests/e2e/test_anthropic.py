@@ -198,3 +198,44 @@ def test_a_long_conversation_never_exceeds_a_small_window(small_gateway: Gateway
         assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens > 0
     counters = small_gateway.counters()
     assert counters["context.outcome.trimmed"] > before["context.outcome.trimmed"]
+
+
+@pytest.fixture(scope="module")
+def body_source_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    directory = tmp_path_factory.mktemp("anthropic-user-id")
+    config = directory / "sessiongate.toml"
+    config.write_text(
+        "version = 1\n"
+        'session_sources = ["header", "body"]\n'
+        'session_body_fields = ["metadata.user_id"]\n'
+    )
+    gateway = start_gateway(directory, mock.url, "--config", str(config))
+    yield gateway
+    assert gateway.proc.stop() == 0, gateway.proc.log()
+
+
+def test_metadata_user_id_is_a_session_without_a_header(
+    body_source_gateway: Gateway, mock: Mock
+) -> None:
+    """An unchanged Anthropic app that sends `metadata.user_id` gets memory, bound to its own
+    credential: the same user id under another API key is another session."""
+    tag = uuid.uuid4().hex[:8]
+    gateway = body_source_gateway
+
+    def sdk(api_key: str) -> Any:
+        return anthropic.Anthropic(
+            base_url=gateway.base_url.removesuffix("/v1"),
+            api_key=api_key,
+            max_retries=0,
+            timeout=20,
+            http_client=anthropic.DefaultHttpxClient(verify=gateway.ssl_context()),
+        )
+
+    metadata = {"user_id": f"u-{tag}"}
+    first, second, third = (f"{word}-{tag}" for word in ("first", "second", "third"))
+    ask(sdk("sk-ant-a"), first, False, metadata=metadata)
+    ask(sdk("sk-ant-a"), second, False, metadata=metadata)
+    assert first in str(sent_with(mock, second)["messages"])
+    ask(sdk("sk-ant-b"), third, False, metadata=metadata)
+    assert first not in str(sent_with(mock, third)["messages"])
+    assert gateway.counters()["rewrite.session_source.body"] >= 3
