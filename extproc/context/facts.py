@@ -86,6 +86,28 @@ class Fact:
         object.__setattr__(self, "tokens", count_text(self.text) + 2)
 
 
+# What capture stores with a turn (Turn.facts) is keyed by this: a release whose extraction
+# rules differ bumps it, and turns stored under another version are scanned again.
+FACTS_VERSION = "facts/1"
+
+
+def facts_record(messages: Iterable[Message]) -> dict[str, list[list[str]]]:
+    """The key facts of a turn's request messages, as capture stores them with the turn."""
+    return {FACTS_VERSION: [[fact.key, fact.text] for fact in extract(messages)]}
+
+
+def stored_facts(turn: Turn) -> tuple[Fact, ...] | None:
+    """The facts stored with the turn at capture, or None when it has none of this version
+    (stored before facts were, or by another extractor version): then `turn_facts`."""
+    found = turn.facts.get(FACTS_VERSION) if turn.facts else None
+    if found is None:
+        return None
+    try:
+        return tuple(Fact(str(key), str(text)) for key, text in found)
+    except (TypeError, ValueError):  # a malformed record: scan the messages instead
+        return None
+
+
 def _user_texts(messages: Iterable[Message]) -> Iterable[str]:
     for message in messages:
         if message.get("role") != "user":

@@ -167,8 +167,15 @@ class ContextManager:
             messages=len(messages),
             clean_start=turn_starts_clean(turn),
             has_system=bool(turn.system_messages),
-            facts=key_facts.turn_facts(turn) if self.extract_facts else (),
+            facts=self._turn_facts(turn) if self.extract_facts else (),
         )
+
+    @staticmethod
+    def _turn_facts(turn: Turn) -> tuple[key_facts.Fact, ...]:
+        # Extracted at capture and stored with the turn, like its token count: scanning a
+        # session's turns cost ~27 µs each on its first read in a process (~0.3 s for 10,000).
+        found = key_facts.stored_facts(turn)
+        return found if found is not None else key_facts.turn_facts(turn)
 
     def plan(
         self,

@@ -80,3 +80,19 @@ def test_each_turn_is_stored_with_its_token_count(gateway: Gateway, session_id: 
     turn = stored_turn(gateway.state_dir / "sessions.db", mark)
     expected = sum(count_message(m, 765) for m in turn.messages())
     assert turn.token_counts == {counts_key(765): expected}
+
+
+def test_each_turn_is_stored_with_its_key_facts(gateway: Gateway, session_id: str) -> None:
+    """Extracted once at capture, so a session read after a restart is not scanned again."""
+    from extproc.context.facts import FACTS_VERSION
+
+    mark = marker()
+    said = f"My name is Ann. I prefer tea with {mark}."
+    gateway.client(session_id).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": said}]
+    )
+    turn = stored_turn(gateway.state_dir / "sessions.db", mark)
+    preference = f"I prefer tea with {mark}."
+    assert turn.facts == {
+        FACTS_VERSION: [["name", "My name is Ann."], [preference.lower(), preference]]
+    }

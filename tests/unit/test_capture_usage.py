@@ -111,6 +111,7 @@ class Sink:
         finish_reason: str | None,
         usage: Usage | None = None,
         token_counts: dict[str, int] | None = None,
+        facts: dict[str, list[list[str]]] | None = None,
     ) -> bool:
         self.completed.append(usage)
         return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -262,6 +263,33 @@ def test_context_figures_go_to_the_sessiongate_metadata_namespace() -> None:
     fields = kept.dynamic_metadata.fields["sessiongate"].struct_value.fields
     assert fields["turn_id"].string_value == "turn-2"
     assert fields["context_outcome"].string_value == "trimmed"
+
+
+def test_facts_stored_with_the_turn_are_used_instead_of_scanning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Capture stores each turn's key facts; a session read after a restart (or from another
+    tier) is not scanned again. Facts of another extractor version are scanned for."""
+    from extproc.context import facts as key_facts
+
+    said = ({"role": "user", "content": "My name is Ann. I prefer tea."},)
+    reply = {"role": "assistant", "content": "ok"}
+    record = key_facts.facts_record(said)
+    assert [key for key, _ in record[key_facts.FACTS_VERSION]] == ["name", "i prefer tea."]
+    stored = Turn("t1", said, reply, facts=record)
+    other_version = Turn("t2", said, reply, facts={"facts/0": [["name", "Bob"]]})
+    scanned: list[str] = []
+    scan = key_facts.turn_facts
+
+    def counting_scan(turn: Turn) -> tuple[key_facts.Fact, ...]:
+        scanned.append(turn.turn_id)
+        return scan(turn)
+
+    monkeypatch.setattr(key_facts, "turn_facts", counting_scan)
+    cm = manager()
+    assert [f.text for f in cm.turn_info.get(stored).facts] == ["My name is Ann.", "I prefer tea."]
+    assert [f.key for f in cm.turn_info.get(other_version).facts] == ["name", "i prefer tea."]
+    assert scanned == ["t2"]
 
 
 def test_a_token_count_stored_with_the_turn_is_used_instead_of_counting() -> None:
