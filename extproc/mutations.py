@@ -7,6 +7,7 @@ hundreds of µs for pydantic-backed bindings). They are untyped, so this module 
 from __future__ import annotations
 
 import functools
+import struct as _binary
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -92,7 +93,7 @@ def request_body_replaced(
         body_mutation=ep.BodyMutation(body=body),
     )
     response = ProcessingResponse(request_body=ep.BodyResponse(response=common))
-    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id, affinity, context))
+    response.dynamic_metadata.MergeFromString(turn_metadata_bytes(turn_id, affinity, context))
     return response
 
 
@@ -102,7 +103,7 @@ def request_body_kept(
     """The client's body goes on exactly as it came (nothing injected), yet the turn is still
     recorded: the turn id and context figures go to dynamic metadata as for a rewrite."""
     response = ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
-    response.dynamic_metadata.CopyFrom(turn_metadata(turn_id, affinity, context))
+    response.dynamic_metadata.MergeFromString(turn_metadata_bytes(turn_id, affinity, context))
     return response
 
 
@@ -112,15 +113,64 @@ def turn_metadata(
     """For the capture filter: the turn id, and the affinity key its gRPC stream hashes; for the
     route (response headers, access logs): the request's context figures (`context_*` keys;
     numbers stay numbers, which `%DYNAMIC_METADATA(sessiongate:...)%` prints as integers)."""
-    metadata = struct_pb2.Struct()
-    namespace = metadata.get_or_create_struct(METADATA_NAMESPACE)
-    namespace["turn_id"] = turn_id
+    return struct_pb2.Struct.FromString(turn_metadata_bytes(turn_id, affinity, context))
+
+
+def turn_metadata_bytes(
+    turn_id: str, affinity: str = "", context: Mapping[str, str | int] | None = None
+) -> bytes:
+    """`turn_metadata`, encoded. Built from memoised encoded entries: filling a Struct through
+    its Python setters cost ~1.5 µs a field, ~10% of a rewrite's CPU with 17 figures, and most
+    figures repeat request after request (strategy, window, outcome...)."""
+    entries = [_struct_entry("turn_id", turn_id)]
     if affinity:
-        namespace[AFFINITY_KEY] = affinity
+        entries.append(_struct_entry(AFFINITY_KEY, affinity))
     if context:
-        for key, value in context.items():
-            namespace[key] = value
-    return metadata
+        entries.extend(_memo_entry(key, value) for key, value in context.items())
+    inner = b"".join(entries)  # a Struct: its `fields` map entries
+    return _struct_entry_raw(METADATA_NAMESPACE, _len_field(_STRUCT_VALUE, inner))
+
+
+# google.protobuf wire tags: Struct.fields = 1 (map entries: key = 1, value = 2); Value:
+# number_value = 2 (double), string_value = 3, bool_value = 4, struct_value = 5.
+_MAP_ENTRY, _MAP_KEY, _MAP_VALUE = 0x0A, 0x0A, 0x12
+_NUMBER_VALUE, _STRING_VALUE, _BOOL_VALUE, _STRUCT_VALUE = 0x11, 0x1A, 0x20, 0x2A
+_DOUBLE = _binary.Struct("<d")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _len_field(tag: int, payload: bytes) -> bytes:
+    return bytes((tag,)) + _varint(len(payload)) + payload
+
+
+def _value(value: str | int | float | bool) -> bytes:
+    if isinstance(value, bool):
+        return bytes((_BOOL_VALUE, 1 if value else 0))
+    if isinstance(value, int | float):
+        return bytes((_NUMBER_VALUE,)) + _DOUBLE.pack(float(value))
+    return _len_field(_STRING_VALUE, value.encode())
+
+
+def _struct_entry_raw(key: str, value: bytes) -> bytes:
+    entry = _len_field(_MAP_KEY, key.encode()) + _len_field(_MAP_VALUE, value)
+    return _len_field(_MAP_ENTRY, entry)
+
+
+def _struct_entry(key: str, value: str | int | float | bool) -> bytes:
+    return _struct_entry_raw(key, _value(value))
+
+
+@functools.lru_cache(maxsize=8192, typed=True)  # typed: True and 1 are different values
+def _memo_entry(key: str, value: str | int | float | bool) -> bytes:
+    return _struct_entry(key, value)
 
 
 def immediate_error(status: int, body: bytes, details: str) -> Any:
