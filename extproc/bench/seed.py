@@ -19,7 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from extproc.context import ContextSettings
+from extproc.context.facts import facts_record
 from extproc.identity import IdentityResolver, load_hmac_key
+from extproc.tokens import turn_token_counts
 from store.model import Turn, Usage
 from store.redis import RedisBackend
 from store.sqlite import SQLiteBackend
@@ -55,19 +58,27 @@ def session_key_for(hmac_key_path: Path, api_key: str, session_id: str) -> str:
 
 
 def _turns(text: TurnText, count: int, tag: str) -> list[Turn]:
+    """Turns as capture stores them: with their token count and key facts (a session read
+    from Redis or SQLite is then neither re-tokenized nor re-scanned, as in production)."""
     system = ({"role": "system", "content": text.system},)
+    request = ({"role": "user", "content": text.question},)
+    response = {"role": "assistant", "content": text.answer}
+    counts = turn_token_counts([*request, response], ContextSettings().image_tokens)
+    facts = facts_record(request)
     now = time.time()
     return [
         Turn(
             turn_id=f"seed-{tag}-{seq}",
-            request_messages=({"role": "user", "content": text.question},),
-            response_message={"role": "assistant", "content": text.answer},
+            request_messages=request,
+            response_message=response,
             system_messages=system,
             model=text.model,
             finish_reason="stop",
             usage=Usage(prompt_tokens=120, completion_tokens=60),
             created_at=now,
             seq=seq,
+            token_counts=counts,
+            facts=facts,
         )
         for seq in range(1, count + 1)
     ]

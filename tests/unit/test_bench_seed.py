@@ -10,7 +10,9 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from extproc.bench.seed import TurnText, seed_sessions, session_key_for
+from extproc.context.facts import facts_record
 from extproc.identity import IdentityResolver, load_hmac_key
+from extproc.tokens import turn_token_counts
 from store import open_store
 
 TEXT = TurnText("be brief", "where is my parcel?", "at the depot", "gpt-4o-mini")
@@ -42,6 +44,9 @@ async def test_seeded_sessions_are_read_under_the_gateways_keys(tmp_path: Path) 
             {"role": "assistant", "content": "at the depot"},
         ]
         assert turns[0].system_messages == ({"role": "system", "content": "be brief"},)
+        # As capture stores them: the token count and key facts travel with each turn.
+        assert turns[0].token_counts == turn_token_counts(turns[0].messages(), 765)
+        assert turns[0].facts == facts_record(turns[0].request_messages)
         assert await store.history(resolver.session_key(identity, "c")) == []
     finally:
         await store.close()
