@@ -39,6 +39,7 @@ def start(directory: Path, mock: Mock, issuer: Issuer) -> Gateway:
     config.write_text(
         "version = 1\n"
         '\n[context.routes."/support"]\nmax_messages = 2\nstrategy = "window"\n'
+        '\n[context.routes."/managed"]\nclient_mode = "manage"\n'
         "\n[tenants.acme.context]\nmax_messages = 4\n"
     )
     return start_gateway(
@@ -119,6 +120,28 @@ def test_a_route_override_applies_to_its_path_only(policy_gateway: Gateway, mock
     reply, sent = converse(plain, mock, 4)
     assert reply.headers["x-sessiongate-policy"] == "global"
     assert len(history_of(sent)) == 6
+
+
+def test_a_route_can_choose_the_client_mode(policy_gateway: Gateway, mock: Mock) -> None:
+    """An app on the /managed route resends its whole history (as apps without memory do):
+    its route's `manage` mode deduplicates it against the store, so the provider sees each
+    message once; nothing in the request says so."""
+    credential = key()
+    session = "s-" + uuid.uuid4().hex[:8]
+    client = chat_client(policy_gateway, session, credential, "/managed")
+    tag = marker()
+    history: list[dict[str, Any]] = []
+    reply: Any = None
+    for i in range(3):
+        history.append({"role": "user", "content": f"{tag} turn {i}"})
+        reply = client.chat.completions.with_raw_response.create(
+            model="mock-model", messages=history
+        )
+        history.append({"role": "assistant", "content": reply.parse().choices[0].message.content})
+    assert reply.headers["x-sessiongate-policy"] == "route:/managed"
+    sent = mock.request_with(f"{tag} turn 2")["body"]["messages"]
+    assert sent == history[:-1]  # every message once, in order
+    assert policy_gateway.counters()["rewrite.client_mode.manage.extended"] >= 2
 
 
 def test_a_tenant_override_applies_to_that_tenant_only(
