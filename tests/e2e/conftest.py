@@ -126,6 +126,17 @@ def start_gateway(directory: Path, upstream: str, *extra: str) -> Gateway:
     return Gateway(proc, proc.ready.split()[1], directory)
 
 
+def configured_gateway(directory: Path, upstream: str, config: str) -> Iterator[Gateway]:
+    """For module fixtures (`yield from`): `up` with `config` as its TOML file (`version = 1`
+    is prepended), stopped after the module, which must exit cleanly."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "sessiongate.toml"
+    path.write_text("version = 1\n" + config)
+    gateway = start_gateway(directory, upstream, "--config", str(path))
+    yield gateway
+    assert gateway.proc.stop() == 0, gateway.proc.log()
+
+
 @pytest.fixture(scope="session")
 def mock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mock]:
     m = start_mock(tmp_path_factory.mktemp("mock"))

@@ -11,7 +11,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from tests.e2e.conftest import Gateway, Mock, start_gateway
+from tests.e2e.conftest import Gateway, Mock, configured_gateway
 from tests.e2e.test_usage_calibration import poll, stored
 
 MODEL = "claude-haiku-4-5"  # in the windows table, and not deprecated by the SDK
@@ -175,13 +175,11 @@ WINDOW = 2048
 @pytest.fixture(scope="module")
 def small_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("anthropic-small")
-    config = directory / "sessiongate.toml"
-    config.write_text(
-        f'version = 1\n[context.models."claude-small"]\nwindow = {WINDOW}\nfamily = "claude"\n'
+    yield from configured_gateway(
+        directory,
+        mock.url,
+        f'[context.models."claude-small"]\nwindow = {WINDOW}\nfamily = "claude"\n',
     )
-    gateway = start_gateway(directory, mock.url, "--config", str(config))
-    yield gateway
-    assert gateway.proc.stop() == 0, gateway.proc.log()
 
 
 def test_a_long_conversation_never_exceeds_a_small_window(small_gateway: Gateway) -> None:
@@ -203,15 +201,11 @@ def test_a_long_conversation_never_exceeds_a_small_window(small_gateway: Gateway
 @pytest.fixture(scope="module")
 def body_source_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("anthropic-user-id")
-    config = directory / "sessiongate.toml"
-    config.write_text(
-        "version = 1\n"
-        'session_sources = ["header", "body"]\n'
-        'session_body_fields = ["metadata.user_id"]\n'
+    yield from configured_gateway(
+        directory,
+        mock.url,
+        'session_sources = ["header", "body"]\nsession_body_fields = ["metadata.user_id"]\n',
     )
-    gateway = start_gateway(directory, mock.url, "--config", str(config))
-    yield gateway
-    assert gateway.proc.stop() == 0, gateway.proc.log()
 
 
 def test_metadata_user_id_is_a_session_without_a_header(

@@ -23,7 +23,7 @@ import tiktoken
 from extproc.identity import IdentityResolver
 from extproc.mock_llm import count_prompt_tokens
 from extproc.session_sources import fingerprint
-from tests.e2e.conftest import Gateway, Mock, start_gateway
+from tests.e2e.conftest import Gateway, Mock, configured_gateway
 
 WINDOW = 4096
 MODEL = "m"
@@ -35,17 +35,14 @@ FILLER = "the quick brown fox jumps over the lazy dog " * 4
 @pytest.fixture(scope="module")
 def modes_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("modes-gateway")
-    config = directory / "sessiongate.toml"
-    config.write_text(
-        "version = 1\n"
+    yield from configured_gateway(
+        directory,
+        mock.url,
         'session_sources = ["header", "cookie", "body", "fingerprint"]\n'
         'client_mode = "auto"\n'
         "append_regenerate = true\n"
-        f'\n[context.models."{MODEL}"]\nwindow = {WINDOW}\n'
+        f'\n[context.models."{MODEL}"]\nwindow = {WINDOW}\n',
     )
-    gateway = start_gateway(directory, mock.url, "--config", str(config))
-    yield gateway
-    assert gateway.proc.stop() == 0, gateway.proc.log()
 
 
 def client_for(

@@ -20,7 +20,7 @@ import tiktoken
 
 from extproc.context.facts import HEADER
 from extproc.mock_llm import count_prompt_tokens
-from tests.e2e.conftest import Gateway, Mock, start_gateway
+from tests.e2e.conftest import Gateway, Mock, configured_gateway
 
 WINDOW = 4096
 MODEL = "mock-4k"
@@ -33,11 +33,9 @@ PLANTED = "My name is Zoltan. We decided the launch date is 2026-03-14. I prefer
 @pytest.fixture(scope="module")
 def context_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("context-gateway")
-    config = directory / "sessiongate.toml"
-    config.write_text(f'version = 1\n\n[context.models."{MODEL}"]\nwindow = {WINDOW}\n')
-    gateway = start_gateway(directory, mock.url, "--config", str(config))
-    yield gateway
-    assert gateway.proc.stop() == 0, gateway.proc.log()
+    yield from configured_gateway(
+        directory, mock.url, f'\n[context.models."{MODEL}"]\nwindow = {WINDOW}\n'
+    )
 
 
 def client_for(gateway: Gateway, session: str) -> openai.OpenAI:

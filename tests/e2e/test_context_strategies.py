@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from extproc.context.summary import HEADER as SUMMARY_HEADER
-from tests.e2e.conftest import Gateway, Mock, start_gateway
+from tests.e2e.conftest import Gateway, Mock, configured_gateway
 from tests.e2e.test_context import FILLER, MODEL, WINDOW, client_for, received_with, user
 
 SUMMARIZER_KEY = "sk-summarizer-test"
@@ -33,18 +33,15 @@ def strategies_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> 
     directory = tmp_path_factory.mktemp("strategies-gateway")
     key = directory / "summarizer.key"
     key.write_text(SUMMARIZER_KEY + "\n")
-    config = directory / "sessiongate.toml"
-    config.write_text(
-        "version = 1\n"
+    yield from configured_gateway(
+        directory,
+        mock.url,
         "context_summary_share = 0.1\n"
         f'context_summarizer_url = "{mock.url}/v1"\n'
         f'context_summarizer_model = "{SUMMARIZER_MODEL}"\n'
         f'context_summarizer_api_key_file = "{key}"\n'
-        f'\n[context.models."{MODEL}"]\nwindow = {WINDOW}\n'
+        f'\n[context.models."{MODEL}"]\nwindow = {WINDOW}\n',
     )
-    gateway = start_gateway(directory, mock.url, "--config", str(config))
-    yield gateway
-    assert gateway.proc.stop() == 0, gateway.proc.log()
 
 
 def history_messages(sent: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ import tiktoken
 from extproc.mock_llm import count_prompt_tokens
 from store import decode_turn
 from store.session import META, SessionMeta, decode_doc
-from tests.e2e.conftest import Gateway, Mock, start_gateway
+from tests.e2e.conftest import Gateway, Mock, configured_gateway
 
 WINDOW = 4096
 OUTPUT = 1024  # max_completion_tokens: both sides reserve it
@@ -37,18 +37,15 @@ FILLER = "the quick brown fox jumps over the lazy dog " * 4
 @pytest.fixture(scope="module")
 def usage_gateway(mock: Mock, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("usage-gateway")
-    config = directory / "sessiongate.toml"
-    config.write_text(
-        "version = 1\n"
+    yield from configured_gateway(
+        directory,
+        mock.url,
         f"context_calibration_min_samples = {MIN_SAMPLES}\n"
         f'[context.models."mock-learn"]\nwindow = {WINDOW}\n'
         f'[context.models."mock-fixed"]\nwindow = {WINDOW}\nmargin = 0.1\n'
         # Another family: the cache test's turns (factor 1.0) never feed the calibration one's.
-        '[context.models."mock-large"]\nwindow = 128000\nfamily = "o200k"\n'
+        '[context.models."mock-large"]\nwindow = 128000\nfamily = "o200k"\n',
     )
-    gateway = start_gateway(directory, mock.url, "--config", str(config))
-    yield gateway
-    assert gateway.proc.stop() == 0, gateway.proc.log()
 
 
 def user(text: str) -> Any:
