@@ -11,6 +11,7 @@ from collections.abc import Callable
 from extproc.config import Settings
 from extproc.identity import IdentityError
 from extproc.runtime import ExtProcService, start_ext_proc
+from extproc.sockets import unix_path
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,10 @@ async def run_serve(settings: Settings) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        print(f"ready grpc://{host}:{service.port}", flush=True)
+        if unix_path(settings.grpc_listen) is not None:
+            print(f"ready {settings.grpc_listen}", flush=True)
+        else:
+            print(f"ready grpc://{host}:{service.port}", flush=True)
 
     return await serve_until_stopped(settings, announce)
 

@@ -141,8 +141,11 @@ def test_serve_requires_its_hmac_key(tmp_path: Path) -> None:
     assert "hmac" in result.stderr.lower()
 
 
-def test_serve_behind_a_plain_envoy(mock: Mock, tmp_path: Path) -> None:
-    """The mesh deployment: `sessiongate serve` + an Envoy started with plain `envoy -c`."""
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_serve_behind_a_plain_envoy(mock: Mock, tmp_path: Path, transport: str) -> None:
+    """The mesh deployment: `sessiongate serve` + an Envoy started with plain `envoy -c`, over
+    loopback TCP or a Unix socket."""
+    listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path}/extproc.sock"
     key = tmp_path / "hmac.key"
     key.write_text("k" * 64)
     key.chmod(0o600)
@@ -152,16 +155,20 @@ def test_serve_behind_a_plain_envoy(mock: Mock, tmp_path: Path) -> None:
             "--state-dir",
             str(tmp_path),
             "--grpc-listen",
-            "127.0.0.1:0",
+            listen,
             "--hmac-key-file",
             str(key),
         ],
         tmp_path / "serve.log",
     )
-    port = int(serve.ready.rsplit(":", 1)[1])
+    if transport == "tcp":
+        endpoint = ("127.0.0.1", int(serve.ready.rsplit(":", 1)[1]))
+    else:
+        assert serve.ready == f"ready {listen}"
+        endpoint = (listen, 0)
     settings = Settings(upstream=mock.url, listen="127.0.0.1:0", tls=False)
     config_path = tmp_path / "envoy.yaml"
-    config_path.write_text(yaml.safe_dump(bootstrap(settings, [("127.0.0.1", port)], None)))
+    config_path.write_text(yaml.safe_dump(bootstrap(settings, [endpoint], None)))
     admin_file = tmp_path / "admin"
     envoy = subprocess.Popen(
         [
