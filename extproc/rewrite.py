@@ -136,40 +136,23 @@ class Rewriter:
         error = (wire or formats.OPENAI).error_body  # the provider's own error shape
         mode = headers.get(settings.client_mode_header, "").strip().lower()
         if mode and mode not in client_modes.MODES:
-            self.metrics.inc("rewrite.rejected.client_mode")
             name = settings.client_mode_header
-            body = error(
-                f"invalid {name}: expected one of {', '.join(client_modes.MODES)}",
-                code="invalid_client_mode",
-                param=name,
-            )
-            return mutations.immediate_error(400, body, "sessiongate_invalid_client_mode"), None
+            expected = ", ".join(client_modes.MODES)
+            return self._reject("client_mode", error, f"expected one of {expected}", name)
         if session_id is not None and not valid_session_id(session_id):
-            self.metrics.inc("rewrite.rejected.session_id")
-            body = error(
-                f"invalid {header}: expected 1-128 characters from [A-Za-z0-9._:-]",
-                code="invalid_session_id",
-                param=header,
+            return self._reject(
+                "session_id", error, "expected 1-128 characters from [A-Za-z0-9._:-]", header
             )
-            return mutations.immediate_error(400, body, "sessiongate_invalid_session_id"), None
         op = None
-        if self.settings.session_op_header in headers:
+        if settings.session_op_header in headers:
             try:
-                op = parse_session_op(headers[self.settings.session_op_header])
+                op = parse_session_op(headers[settings.session_op_header])
             except SessionOpError as exc:
-                self.metrics.inc("rewrite.rejected.session_op")
-                name = self.settings.session_op_header
-                body = error(f"invalid {name}: {exc}", code="invalid_session_op", param=name)
-                return mutations.immediate_error(400, body, "sessiongate_invalid_session_op"), None
+                return self._reject("session_op", error, str(exc), settings.session_op_header)
         strategy = headers.get(STRATEGY_HEADER, "").strip().lower()
         if strategy and strategy not in STRATEGIES:
-            self.metrics.inc("rewrite.rejected.strategy")
-            body = error(
-                f"invalid {STRATEGY_HEADER}: expected one of {', '.join(STRATEGIES)}",
-                code="invalid_strategy",
-                param=STRATEGY_HEADER,
-            )
-            return mutations.immediate_error(400, body, "sessiongate_invalid_strategy"), None
+            expected = ", ".join(STRATEGIES)
+            return self._reject("strategy", error, f"expected one of {expected}", STRATEGY_HEADER)
         if wire is None or not self._is_chat_request(headers):
             self.metrics.inc("rewrite.pass_through.not_applicable")
             return mutations.request_headers_pass_through(remove), None
@@ -198,6 +181,14 @@ class Rewriter:
             wire=wire,
         )
         return mutations.request_headers_continue(remove), context
+
+    def _reject(
+        self, kind: str, error: formats.ErrorBody, problem: str, header: str
+    ) -> tuple[Any, None]:
+        """A 400 for a bad sessiongate header, in the provider's error shape, counted."""
+        self.metrics.inc(f"rewrite.rejected.{kind}")
+        body = error(f"invalid {header}: {problem}", code=f"invalid_{kind}", param=header)
+        return mutations.immediate_error(400, body, f"sessiongate_invalid_{kind}"), None
 
     @property
     def _body_stage(self) -> bool:
