@@ -15,7 +15,6 @@ from typing import Any
 from extproc import mutations
 from extproc.context.calibration import ESTIMATED_USAGE
 from extproc.context.facts import facts_record
-from extproc.context.manager import FIT, TRIMMED
 from extproc.decoding import BodyDecoder, DecodingError, UnsupportedEncoding, make_decoder
 from extproc.metrics import Metrics
 from extproc.protocols import formats
@@ -31,32 +30,6 @@ log = logging.getLogger(__name__)
 # (model, the plan's prompt estimate, the provider's prompt_tokens, has media): the model
 # table's `observe_usage`, which learns the safety margins the budget applies.
 UsageObserver = Callable[[str, int, int, bool], None]
-PLANNED = frozenset({FIT, TRIMMED})  # the request sent was the plan's: its estimate holds
-
-
-def planned_estimate(request: Any) -> int:
-    """The prompt tokens rewrite counted for the request it sent (dynamic metadata
-    `context_prompt_estimate`, corrected for turns cut by the body size limit), or 0 when
-    the request went unchanged or unplanned (its estimate is not the prompt's)."""
-    filter_metadata = request.metadata_context.filter_metadata
-    if mutations.METADATA_NAMESPACE not in filter_metadata:
-        return 0
-    fields = filter_metadata[mutations.METADATA_NAMESPACE].fields
-    if "context_outcome" not in fields or "context_prompt_estimate" not in fields:
-        return 0
-    if fields["context_outcome"].string_value not in PLANNED:
-        return 0
-    return int(fields["context_prompt_estimate"].number_value)
-
-
-def wire_format(request: Any) -> WireFormat:
-    """The format rewrite recorded for this turn (dynamic metadata; absent: OpenAI chat)."""
-    filter_metadata = request.metadata_context.filter_metadata
-    if mutations.METADATA_NAMESPACE in filter_metadata:
-        fields = filter_metadata[mutations.METADATA_NAMESPACE].fields
-        if formats.METADATA_KEY in fields:
-            return formats.by_name(fields[formats.METADATA_KEY].string_value)
-    return formats.OPENAI
 
 
 def has_media(messages: tuple[Message, ...]) -> bool:
@@ -81,12 +54,15 @@ class CaptureStream:
         delay_s: float = 0.0,
         image_tokens: int | None = None,
         usage_observer: UsageObserver | None = None,
+        extract_facts: bool = True,
     ) -> None:
         self.store = store
         self.usage_observer = usage_observer
-        self.planned = 0  # the plan's prompt estimate, when calibrating (see planned_estimate)
-        # With context management on: the turn's token count is taken here and stored with it.
+        self.planned = 0  # the plan's prompt count (PendingTurn.planned_prompt_tokens)
+        # With context management on: the turn's token count is taken here and stored with it,
+        # and its key facts when some context policy uses them.
         self.image_tokens = image_tokens
+        self.extract_facts = extract_facts
         self.delay_s = delay_s
         self.metrics = metrics
         self.max_json_bytes = max_json_bytes
@@ -111,9 +87,8 @@ class CaptureStream:
             self.finished = True
             return False
         self.store.mark_responding(self.pending.turn_id)
-        if self.usage_observer is not None:
-            self.planned = planned_estimate(request)
-        self.wire = wire_format(request)
+        self.planned = self.pending.planned_prompt_tokens
+        self.wire = formats.by_name(self.pending.wire_format)
         headers = mutations.headers_dict(request.response_headers)
         status = headers.get(":status", "")
         if not status.startswith("2"):
@@ -181,7 +156,8 @@ class CaptureStream:
         if self.image_tokens is not None:  # context management on
             messages = [*pending.request_messages, reply.message]
             counts = turn_token_counts(messages, self.image_tokens)
-            facts = facts_record(pending.request_messages)
+            if self.extract_facts:
+                facts = facts_record(pending.request_messages)
         if self.store.complete_turn(
             pending.turn_id, reply.message, reply.finish_reason, reply.usage, counts, facts
         ):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from extproc import session_sources as sources
 from extproc import user_context as users
 from extproc.config import Settings, context_table
 from extproc.context import ContextManager, ContextPlan, ContextSettings
-from extproc.context.manager import TOOL_EXCHANGE_TOO_LARGE, UserContextMessage
+from extproc.context.manager import FIT, TOOL_EXCHANGE_TOO_LARGE, TRIMMED, UserContextMessage
 from extproc.context.policy import Policies, Policy
 from extproc.context.strategy import STRATEGIES, STRATEGY_HEADER
 from extproc.context.window import SIZE_LIMIT
@@ -85,6 +86,15 @@ def policies(settings: Settings) -> Policies:
         tables.get("routes", {}),
         tables.get("tenants", {}),
     )
+
+
+def planned_prompt_tokens(figures: Mapping[str, str | int]) -> int:
+    """The prompt count of a request sent as planned (outcome fit or trimmed, corrected for
+    turns the body size limit cut), the calibration's sample; 0 when the request went
+    unchanged or unplanned (its count is not the prompt's)."""
+    if figures.get("context_outcome") not in (FIT, TRIMMED):
+        return 0
+    return int(figures.get("context_prompt_estimate", 0))
 
 
 class Rewriter:
@@ -339,8 +349,7 @@ class Rewriter:
                 self.metrics.inc("rewrite.turns_dropped_for_size", dropped)
         figures = self._context_figures(plan, dropped)
         figures["context_policy"] = policy.name
-        if context.wire is not formats.OPENAI:  # capture decodes the reply in this format
-            figures[formats.METADATA_KEY] = context.wire.name
+        prompt = int(figures["context_prompt_estimate"])
         turn_id = self.store.new_turn_id(tenant)
         self.store.begin_turn(
             PendingTurn(
@@ -354,7 +363,9 @@ class Rewriter:
                 scopes=context.identity.scopes,
                 user_agent=context.user_agent,
                 # Only used when the provider reports no usage.
-                prompt_tokens_estimate=plan.prompt_tokens or len(body) // 4,
+                prompt_tokens_estimate=prompt or len(body) // 4,
+                planned_prompt_tokens=planned_prompt_tokens(figures),
+                wire_format="" if context.wire is formats.OPENAI else context.wire.name,
             )
         )
         if plan.unchanged and not body:

@@ -81,6 +81,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc
             ),
             # Reported usage teaches the margins the rewrite side's budget applies.
             usage_observer=models.observe_usage if models.calibration is not None else None,
+            extract_facts=self.rewriter.context.extract_facts,
         )
 
     def observe(self, first: Any) -> CaptureObserver | None:

@@ -89,6 +89,12 @@ class PendingTurn:
     system_messages: tuple[Message, ...] = ()
     model: str = ""
     prompt_tokens_estimate: int = 0
+    # The plan's prompt count when the request went as planned (context outcome fit or
+    # trimmed): capture's sample for margin calibration; 0 otherwise.
+    planned_prompt_tokens: int = 0
+    # The request's wire format (extproc.protocols.formats names; empty: OpenAI chat), so
+    # capture decodes the reply in it.
+    wire_format: str = ""
     # Who asked, for the session's security context and metadata (never a raw credential).
     tenant: str = ""
     principal: str = ""

@@ -1,8 +1,8 @@
 """The wire formats sessiongate adds memory to, and the one place that picks one.
 
-Rewrite picks by the request path (`for_path`) and records the format's name in the turn's
-dynamic metadata when it is not the default; capture picks by that name (`by_name`), so the
-reply is decoded as the request was sent. Each format is a table of the same functions, so
+Rewrite picks by the request path (`for_path`) and records the format's name with the pending
+turn (`PendingTurn.wire_format`); capture picks by that name (`by_name`), so the reply is
+decoded as the request was sent. Each format is a table of the same functions, so
 neither filter branches on the format.
 """
 
@@ -20,8 +20,6 @@ from store.model import Message, Turn
 System = tuple[Message, ...] | None
 OPENAI_CHAT = "openai_chat"
 ANTHROPIC_MESSAGES = "anthropic_messages"
-# The dynamic metadata key naming a non-default format (absent: OpenAI chat).
-METADATA_KEY = "wire_format"
 
 
 class StreamAccumulator(Protocol):

@@ -138,6 +138,8 @@ def test_payload_round_trips_and_holds_no_more_than_the_pending_turn() -> None:
         "system_messages",
         "model",
         "prompt_tokens_estimate",
+        "planned_prompt_tokens",
+        "wire_format",
         "tenant",
         "principal",
         "scopes",

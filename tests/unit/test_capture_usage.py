@@ -11,10 +11,11 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from extproc.capture import CaptureStream, has_media, planned_estimate
+from extproc.capture import CaptureStream, has_media
 from extproc.metrics import Metrics
 from extproc.mutations import METADATA_NAMESPACE, turn_metadata
 from extproc.protocols.openai_chat import ChatStreamAccumulator, parse_chat_json
+from extproc.rewrite import planned_prompt_tokens
 from store.model import Message, PendingTurn, Usage
 
 OPENAI_USAGE = {
@@ -120,17 +121,22 @@ class Sink:
         pass
 
 
-def headers(outcome: str | None, estimate: int, content_type: str) -> Any:
+def figures(outcome: str | None, estimate: int) -> dict[str, str | int]:
+    """The context figures rewrite computed for the request."""
+    found: dict[str, str | int] = {"context_prompt_estimate": estimate}
+    if outcome is not None:
+        found["context_outcome"] = outcome
+    return found
+
+
+def headers(content_type: str) -> Any:
     request = ep.ProcessingRequest()
     for key, value in ((":status", "200"), ("content-type", content_type)):
         request.response_headers.headers.headers.append(
             base_pb2.HeaderValue(key=key, raw_value=value.encode())
         )
-    figures: dict[str, str | int] = {"context_prompt_estimate": estimate}
-    if outcome is not None:
-        figures["context_outcome"] = outcome
     # What rewrite sets as dynamic metadata is what Envoy forwards to the capture filter.
-    sent = turn_metadata("turn-1", "s", figures)[METADATA_NAMESPACE]
+    sent = turn_metadata("turn-1", "s", {})[METADATA_NAMESPACE]
     request.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(sent)
     return request
 
@@ -145,7 +151,15 @@ def body(data: bytes) -> Any:
 def capture(
     data: bytes, outcome: str | None, *, stream: bool, content: Any = "hello"
 ) -> tuple[Metrics, list[tuple[str, int, int, bool]], Sink]:
-    pending = PendingTurn("turn-1", "k", ({"role": "user", "content": content},), model="gpt-4o")
+    # Rewrite hands capture the plan's prompt count with the pending turn.
+    planned = planned_prompt_tokens(figures(outcome, 1900))
+    pending = PendingTurn(
+        "turn-1",
+        "k",
+        ({"role": "user", "content": content},),
+        model="gpt-4o",
+        planned_prompt_tokens=planned,
+    )
     sink = Sink(pending)
     metrics = Metrics()
     seen: list[tuple[str, int, int, bool]] = []
@@ -155,7 +169,7 @@ def capture(
 
     capture = CaptureStream(sink, metrics, 1 << 20, usage_observer=observe)
     kind = "text/event-stream" if stream else "application/json"
-    assert capture.on_response_headers(headers(outcome, 1900, kind))
+    assert capture.on_response_headers(headers(kind))
     assert not capture.on_response_body(body(data))
     return metrics, seen, sink
 
@@ -196,7 +210,7 @@ def test_media_is_flagged() -> None:
     assert not has_media(({"role": "user", "content": [{"type": "text", "text": "x"}]},))
 
 
-def test_planned_estimate_reads_the_rewrite_figures() -> None:
-    assert planned_estimate(headers("fit", 1234, "application/json")) == 1234
-    assert planned_estimate(headers("pinned_system_dropped", 1234, "application/json")) == 0
-    assert planned_estimate(ep.ProcessingRequest()) == 0
+def test_planned_prompt_tokens_reads_the_rewrite_figures() -> None:
+    assert planned_prompt_tokens(figures("fit", 1234)) == 1234
+    assert planned_prompt_tokens(figures("pinned_system_dropped", 1234)) == 0
+    assert planned_prompt_tokens({}) == 0
