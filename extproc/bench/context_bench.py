@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -40,6 +39,7 @@ import orjson
 import tiktoken
 
 from extproc.bench import context_synth as synth
+from extproc.bench import tables
 from extproc.context import ContextManager, ContextSettings
 from extproc.protocols import openai_chat as chat
 from extproc.protocols.wire import TurnWireCache
@@ -81,17 +81,8 @@ class Row:
     shape: dict[str, Any] = field(default_factory=dict)  # what the requests carried
 
 
-def percentile(ordered: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of sorted samples."""
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
-def duration(us: float) -> str:
-    if us < 1000:
-        return f"{us:.1f} µs" if us < 100 else f"{us:.0f} µs"
-    if us < 1_000_000:
-        return f"{us / 1000:.2f} ms"
-    return f"{us / 1_000_000:.2f} s"
+percentile = tables.percentile
+duration = tables.duration
 
 
 # --- options ----------------------------------------------------------------------------
@@ -371,9 +362,7 @@ _COLUMNS = (
 
 
 def _line(cells: Sequence[str]) -> str:
-    return "  ".join(
-        f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
-    ).rstrip()
+    return tables.line(cells, _COLUMNS)
 
 
 def _format_row(row: Row) -> str:

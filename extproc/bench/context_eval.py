@@ -54,7 +54,7 @@ from typing import Any
 
 import orjson
 
-from extproc.bench import context_bench
+from extproc.bench import context_bench, tables
 from extproc.bench import context_synth as synth
 from extproc.context import ContextManager, ContextSettings
 from extproc.protocols import openai_chat as chat
@@ -520,9 +520,7 @@ _COLUMNS = (
 
 
 def _line(cells: Sequence[str]) -> str:
-    return "  ".join(
-        f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
-    ).rstrip()
+    return tables.line(cells, _COLUMNS)
 
 
 def _format(result: Result) -> str:

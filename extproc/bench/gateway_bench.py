@@ -143,6 +143,7 @@ from extproc.bench.report import (
 )
 from extproc.bench.seed import TurnText, seed_sessions
 from extproc.bench.sse_server import DEFAULT_CHUNKS
+from extproc.bench.tables import percentile
 from extproc.envoy_config import CAPTURE_FILTER, EXT_PROC_CLUSTER, REWRITE_FILTER
 from extproc.supervisor import envoy_binary
 
@@ -1039,22 +1040,15 @@ async def start_gateway(
 # --- the run ------------------------------------------------------------------------------
 
 
-def _percentile(ordered: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of sorted samples."""
-    if not ordered:
-        return 0.0
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 def _summary_us(samples_ns: Sequence[int]) -> dict[str, float]:
     ordered = sorted(s / 1000 for s in samples_ns)
     if not ordered:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "p99.9": 0.0, "mean": 0.0, "max": 0.0}
     return {
-        "p50": _percentile(ordered, 0.50),
-        "p90": _percentile(ordered, 0.90),
-        "p99": _percentile(ordered, 0.99),
-        "p99.9": _percentile(ordered, 0.999),
+        "p50": percentile(ordered, 0.50),
+        "p90": percentile(ordered, 0.90),
+        "p99": percentile(ordered, 0.99),
+        "p99.9": percentile(ordered, 0.999),
         "mean": sum(ordered) / len(ordered),
         "max": ordered[-1],
     }

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from extproc.bench import tables
+
 __all__ = [
     "Comparison",
     "Measurement",
@@ -321,9 +323,7 @@ _COLUMNS: Final = (
 
 
 def _line(cells: Sequence[str]) -> str:
-    return "  ".join(
-        f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
-    ).rstrip()
+    return tables.line(cells, _COLUMNS)
 
 
 class Table:

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import platform
 import sqlite3
@@ -51,6 +50,8 @@ import redis
 import uvloop
 from redis.utils import HIREDIS_AVAILABLE
 
+from extproc.bench import tables
+from extproc.bench.tables import duration, percentile
 from store import (
     MemoryBackend,
     NeedsFloor,
@@ -162,11 +163,6 @@ class Row:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _percentile(ordered: Sequence[int], fraction: float) -> int:
-    """Nearest-rank percentile of sorted samples."""
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 def _row(
     row_id: str,
     label: str,
@@ -187,8 +183,8 @@ def _row(
         id=row_id,
         label=label,
         samples=len(ordered),
-        p50_us=_percentile(ordered, 0.50) / 1000,
-        p99_us=_percentile(ordered, 0.99) / 1000,
+        p50_us=percentile(ordered, 0.50) / 1000,
+        p99_us=percentile(ordered, 0.99) / 1000,
         mean_us=mean_ns / 1000,
         max_us=ordered[-1] / 1000,
         rate=rate if rate is not None else 1e9 / max(mean_ns, 1.0),
@@ -197,20 +193,12 @@ def _row(
         extra=dict(extra or {}),
     )
     if p99_target_us is not None:
-        row.target = f"p99 < {_duration(p99_target_us)}"
+        row.target = f"p99 < {duration(p99_target_us)}"
         row.status = "PASS" if row.p99_us < p99_target_us else "MISS"
     elif rate_target is not None:
         row.target = f">= {rate_target:,.0f} {rate_unit}"
         row.status = "PASS" if row.rate >= rate_target else "MISS"
     return row
-
-
-def _duration(us: float) -> str:
-    if us < 1000:
-        return f"{us:.1f} µs" if us < 100 else f"{us:.0f} µs"
-    if us < 1_000_000:
-        return f"{us / 1000:.2f} ms"
-    return f"{us / 1_000_000:.2f} s"
 
 
 _COLUMNS = (
@@ -227,9 +215,7 @@ _COLUMNS = (
 
 
 def _format_line(cells: Sequence[str]) -> str:
-    return "  ".join(
-        f"{cell:{align}{width}}" for cell, (_, width, align) in zip(cells, _COLUMNS, strict=True)
-    )
+    return tables.line(cells, _COLUMNS)
 
 
 def _format_row(row: Row, baseline_labels: dict[str, str]) -> str:
@@ -240,9 +226,9 @@ def _format_row(row: Row, baseline_labels: dict[str, str]) -> str:
         (
             row.label,
             str(row.samples),
-            _duration(row.p50_us),
-            _duration(row.p99_us),
-            _duration(row.mean_us),
+            duration(row.p50_us),
+            duration(row.p99_us),
+            duration(row.mean_us),
             f"{row.rate:,.0f} {row.rate_unit}",
             vs,
             row.target or "-",
@@ -1001,7 +987,7 @@ async def _server_versions(warm: RedisBackend, pg_pool: asyncpg.Pool) -> dict[st
 async def _harness_overhead_ns(iterations: int) -> int:
     """p50 of timing an `await` that does nothing: included in every latency figure."""
     samples = sorted(await _time_calls(_nothing, iterations, 10))
-    return _percentile(samples, 0.5)
+    return int(percentile(samples, 0.5))
 
 
 def _print_notes(rows: Sequence[Row], machine: dict[str, Any]) -> None:
