@@ -21,6 +21,7 @@ import tiktoken
 from extproc.context.facts import HEADER
 from extproc.mock_llm import count_prompt_tokens
 from tests.e2e.conftest import Gateway, Mock, configured_gateway
+from tests.tool_pairing import tool_errors
 
 WINDOW = 4096
 MODEL = "mock-4k"
@@ -65,24 +66,6 @@ def as_history(message: Any) -> dict[str, Any]:
 def key(message: dict[str, Any]) -> tuple[Any, ...]:
     calls = tuple(c["id"] for c in message.get("tool_calls") or ())
     return (message["role"], message.get("content"), message.get("tool_call_id"), calls)
-
-
-def tool_errors(messages: list[dict[str, Any]]) -> list[str]:
-    """Tool results without their call just before, calls left without their results."""
-    errors: list[str] = []
-    open_ids: set[str] = set()
-    answerable: set[str] = set()
-    for message in messages:
-        if message["role"] == "tool":
-            if message["tool_call_id"] not in answerable:
-                errors.append(f"orphan result {message['tool_call_id']}")
-            open_ids.discard(message["tool_call_id"])
-            continue
-        if open_ids:
-            errors.append(f"unanswered calls {sorted(open_ids)}")
-        open_ids = {c["id"] for c in message.get("tool_calls") or ()}
-        answerable = set(open_ids)
-    return errors
 
 
 def received_with(mock: Mock, tag: str) -> list[list[dict[str, Any]]]:

@@ -20,6 +20,7 @@ from extproc.context.summary import HEADER as SUMMARY_HEADER
 from extproc.context.summary import Summaries, turn_lines
 from extproc.protocols.openai_chat import build_body, parse_request
 from store.model import Message, Turn
+from tests.tool_pairing import tool_errors
 from tests.unit.test_context_manager import provider_tokens, user
 
 MODELS: dict[str, dict[str, Any]] = {"small": {"window": 4096, "margin": 0.0}}
@@ -195,23 +196,6 @@ def tool_history(spec: list[int], words: int) -> list[Turn]:
             Turn(f"t{len(history)}", request, {"role": "assistant", "content": f"{topic} done"})
         )
     return history
-
-
-def tool_errors(messages: list[Message]) -> list[str]:
-    errors: list[str] = []
-    open_ids: set[str] = set()
-    answerable: set[str] = set()
-    for message in messages:
-        if message["role"] == "tool":
-            if message["tool_call_id"] not in answerable:
-                errors.append(f"orphan {message['tool_call_id']}")
-            open_ids.discard(message["tool_call_id"])
-            continue
-        if open_ids:
-            errors.append(f"unanswered {sorted(open_ids)}")
-        open_ids = {c["id"] for c in message.get("tool_calls") or ()}
-        answerable = set(open_ids)
-    return errors
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -22,6 +22,7 @@ from extproc.context.window import (
     starts_clean,
 )
 from store.model import Message, Turn
+from tests.tool_pairing import tool_errors
 
 # --- conversations -----------------------------------------------------------------------------
 
@@ -88,25 +89,6 @@ def conversations(draw: st.DrawFn) -> tuple[list[Turn], tuple[Message, ...]]:
             reply = {"role": "assistant", "content": " ".join(["r"] * draw(st.integers(1, 20)))}
         turns.append(Turn(f"t{i}", tuple(request), reply))
     raise AssertionError("unreachable")
-
-
-def tool_errors(messages: list[Message]) -> list[str]:
-    """Orphan tool results, and tool calls left without their results."""
-    errors: list[str] = []
-    open_ids: set[str] = set()
-    answerable: set[str] = set()
-    for message in messages:
-        role = message.get("role")
-        if role == "tool":
-            if message["tool_call_id"] not in answerable:
-                errors.append(f"orphan result {message['tool_call_id']}")
-            open_ids.discard(message["tool_call_id"])
-            continue
-        if open_ids:
-            errors.append(f"unanswered calls {sorted(open_ids)}")
-        open_ids = {c["id"] for c in message.get("tool_calls") or ()}
-        answerable = set(open_ids)
-    return errors
 
 
 # --- quantized_start ---------------------------------------------------------------------------
