@@ -45,7 +45,8 @@ import orjson
 from extproc.context.window import turn_starts_clean
 from extproc.protocols import anthropic_cache as cache
 from extproc.protocols import anthropic_convert as convert
-from extproc.protocols.openai_chat import CapturedReply, RequestError, _loads, _preview
+from extproc.protocols.events import EventAccumulator, preview
+from extproc.protocols.openai_chat import CapturedReply, RequestError, _loads
 from extproc.protocols.wire import TurnCache, dumps_exact
 from extproc.tokens import count_reply
 from store.model import Message, Turn, Usage
@@ -274,7 +275,7 @@ def parse_messages_json(body: bytes, prompt_tokens_estimate: int) -> CapturedRep
     if not isinstance(obj, dict):
         return CapturedReply(
             empty, None, _usage(None, empty, prompt_tokens_estimate), False,
-            f"malformed body: {_preview(body)}", "",
+            f"malformed body: {preview(body)}", "",
         )  # fmt: skip
     raw_model = obj.get("model")
     model = raw_model if isinstance(raw_model, str) else ""
@@ -333,46 +334,19 @@ class _Block:
         return block
 
 
-class MessagesStreamAccumulator:
+class MessagesStreamAccumulator(EventAccumulator):
     """Accumulates the `data:` payloads of a Messages SSE stream (every payload carries its
     event's `type`, so the `event:` lines are not needed). Feed each in order, then `result`."""
 
-    __slots__ = ("_blocks", "_done", "_error", "_model", "_started", "_stop", "_usage")
+    __slots__ = ("_blocks", "_model", "_started", "_stop", "_usage")
 
     def __init__(self) -> None:
+        super().__init__()
         self._blocks: dict[int, _Block] = {}
         self._usage: dict[str, Any] = {}
         self._stop: str | None = None
         self._model = ""
         self._started = False
-        self._done = False
-        self._error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        """True once the terminal `message_stop` event was fed."""
-        return self._done
-
-    def feed_event(self, data: str) -> None:
-        """Apply one SSE `data:` payload. Never raises; problems are recorded in `error`."""
-        if self._done:
-            return
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._fail(f"malformed event: {_preview(data)}")
-            return
-        if type(event) is not dict:
-            self._fail(f"malformed event: {_preview(data)}")
-            return
-        try:
-            self._apply(event)
-        except Exception as exc:  # an odd event shape must never break capture
-            self._fail(f"unexpected event shape: {exc!r}")
-
-    def _fail(self, error: str) -> None:
-        if self._error is None:
-            self._error = error
 
     def _apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type")

@@ -51,6 +51,7 @@ import orjson
 
 from extproc.context.window import turn_starts_clean
 from extproc.protocols.anthropic_convert import strip_for_openai
+from extproc.protocols.events import EventAccumulator, preview
 from extproc.protocols.wire import TurnWireCache, joined
 from extproc.tokens import count_reply
 from store.model import Message, Turn, Usage
@@ -121,11 +122,6 @@ def _error_text(error: Any) -> str:
     return "provider error: " + orjson.dumps(error, default=str).decode()
 
 
-def _preview(data: str | bytes) -> str:
-    text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 class _ToolCallSlot:
     __slots__ = ("arguments", "id", "name", "type")
 
@@ -143,7 +139,7 @@ class _ToolCallSlot:
         }
 
 
-class ChatStreamAccumulator:
+class ChatStreamAccumulator(EventAccumulator):
     """Accumulates the `data:` payloads of a `chat.completion.chunk` SSE stream.
 
     Feed every event's data string to `feed_event` in order, then call `result`. Per event the
@@ -153,8 +149,6 @@ class ChatStreamAccumulator:
 
     __slots__ = (
         "_content",
-        "_done",
-        "_error",
         "_finish_reason",
         "_model",
         "_refusal",
@@ -163,7 +157,10 @@ class ChatStreamAccumulator:
         "_usage",
     )
 
+    SHAPE = "chunk"
+
     def __init__(self) -> None:
+        super().__init__()
         self._content: list[str] = []
         self._refusal: list[str] = []
         self._tools: dict[int, _ToolCallSlot] = {}
@@ -171,40 +168,10 @@ class ChatStreamAccumulator:
         self._usage: Any = None
         self._model = ""
         self._saw_choice = False
-        self._done = False
-        self._error: str | None = None
 
-    @property
-    def done(self) -> bool:
-        """True once the terminal `[DONE]` event was fed."""
-        return self._done
-
-    def feed_event(self, data: str) -> None:
-        """Apply one SSE `data:` payload. Never raises; problems are recorded in `error`."""
-        if self._done:
-            return
-        if data == "[DONE]":
-            self._done = True
-            return
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            if data.strip() == "[DONE]":
-                self._done = True
-            else:
-                self._fail(f"malformed event: {_preview(data)}")
-            return
-        if type(chunk) is not dict:
-            self._fail(f"malformed event: {_preview(data)}")
-            return
-        try:
-            self._apply(chunk)
-        except Exception as exc:  # a provider's odd chunk shape must never break capture
-            self._fail(f"unexpected chunk shape: {exc!r}")
-
-    def _fail(self, error: str) -> None:
-        if self._error is None:
-            self._error = error
+    def _terminal(self, data: str) -> bool:
+        """OpenAI ends a stream with the payload `[DONE]`, not JSON."""
+        return data == "[DONE]" or (data[:1] != "{" and data.strip() == "[DONE]")
 
     def _apply(self, chunk: dict[str, Any]) -> None:
         error = chunk.get("error")
@@ -322,7 +289,7 @@ def parse_chat_json(body: bytes, prompt_tokens_estimate: int) -> CapturedReply:
             finish_reason=None,
             usage=_usage(None, empty, prompt_tokens_estimate),
             complete=False,
-            error=f"malformed body: {_preview(body)}",
+            error=f"malformed body: {preview(body)}",
             model="",
         )
     model = obj.get("model")
