@@ -36,8 +36,6 @@ from store.session import UserContext
 
 log = logging.getLogger(__name__)
 
-CHAT_SUFFIX = "/chat/completions"
-
 
 @dataclass(frozen=True, slots=True)
 class SessionContext:

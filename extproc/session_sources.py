@@ -36,9 +36,7 @@ HEADER = "header"
 COOKIE = "cookie"
 BODY = "body"
 FINGERPRINT = "fingerprint"
-SOURCES = (HEADER, COOKIE, BODY, FINGERPRINT)
 BODY_STAGE = frozenset({BODY, FINGERPRINT})  # sources that need the request body
-DEFAULT_BODY_FIELDS = ("metadata.session_id", "metadata.conversation_id", "user")
 FINGERPRINT_PREFIX = "fp."
 
 

@@ -237,10 +237,6 @@ class ConversationWriter:
         rng = self.rng
         return {"role": "assistant", "content": sentences(rng, _length(rng, 20, 150, 450, 0.15))}
 
-    @property
-    def pending_tools(self) -> bool:
-        return bool(self._pending_calls)
-
 
 def messages_of(turns: list[Turn]) -> int:
     return sum(len(turn.request_messages) + 1 for turn in turns)

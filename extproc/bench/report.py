@@ -37,7 +37,6 @@ CAPTURE_CPU_PER_CHUNK_TARGET_US: Final = 15.0
 EVENT_GAP_SHARE_TARGET: Final = 0.05
 
 BIG_HISTORY: Final = 10_000
-REFERENCE_HISTORY: Final = 50
 
 
 # --- records ------------------------------------------------------------------------------

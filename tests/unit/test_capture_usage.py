@@ -10,10 +10,11 @@ import orjson
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf.struct_pb2 import Struct
 
 from extproc.capture import CaptureStream, has_media
 from extproc.metrics import Metrics
-from extproc.mutations import METADATA_NAMESPACE, turn_metadata
+from extproc.mutations import METADATA_NAMESPACE, turn_metadata_bytes
 from extproc.protocols.openai_chat import ChatStreamAccumulator, parse_chat_json
 from extproc.rewrite import planned_prompt_tokens
 from store.model import Message, PendingTurn, Usage
@@ -136,7 +137,7 @@ def headers(content_type: str) -> Any:
             base_pb2.HeaderValue(key=key, raw_value=value.encode())
         )
     # What rewrite sets as dynamic metadata is what Envoy forwards to the capture filter.
-    sent = turn_metadata("turn-1", "s", {})[METADATA_NAMESPACE]
+    sent = Struct.FromString(turn_metadata_bytes("turn-1", "s", {}))[METADATA_NAMESPACE]
     request.metadata_context.filter_metadata[METADATA_NAMESPACE].CopyFrom(sent)
     return request
 

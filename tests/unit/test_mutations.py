@@ -41,6 +41,7 @@ def test_encoded_metadata_equals_protobufs_own(
     turn_id: str, affinity: str, context: dict[str, Any]
 ) -> None:
     expected = built_by_protobuf(turn_id, affinity, context)
-    assert mutations.turn_metadata(turn_id, affinity, context) == expected
+    encoded = mutations.turn_metadata_bytes(turn_id, affinity, context)
+    assert struct_pb2.Struct.FromString(encoded) == expected
     response = mutations.request_body_replaced(b"{}", turn_id, affinity, context)
     assert response.dynamic_metadata == expected
