@@ -52,25 +52,21 @@ class SessionContext:
     wire: WireFormat = formats.OPENAI  # the request's wire format, by its path
 
 
+# ContextSettings fields that are not simply the setting `context_<name>`.
+_CONTEXT_SPECIAL = frozenset({"models", "summarizer_api_key_file"})
+
+
 def context_settings(settings: Settings) -> ContextSettings:
+    """The `context_*` settings as extproc.context takes them (it does not import config)."""
+    values = {
+        item.name: getattr(settings, f"context_{item.name}")
+        for item in dataclasses.fields(ContextSettings)
+        if item.name not in _CONTEXT_SPECIAL
+    }
     return ContextSettings(
-        enabled=settings.context_enabled,
-        default_window=settings.context_default_window,
-        output_tokens=settings.context_output_tokens,
-        reasoning_output_tokens=settings.context_reasoning_output_tokens,
-        step=settings.context_step,
-        max_messages=settings.context_max_messages,
-        image_tokens=settings.context_image_tokens,
-        facts_share=settings.context_facts_share,
+        **values,
         models=settings.context.get("models", {}),
-        strategy=settings.context_strategy,
-        relevance_share=settings.context_relevance_share,
-        summary_share=settings.context_summary_share,
-        summarizer_url=settings.context_summarizer_url,
-        summarizer_model=settings.context_summarizer_model,
         summarizer_api_key_file=str(settings.context_summarizer_api_key_file or ""),
-        summarizer_timeout_s=settings.context_summarizer_timeout_s,
-        user_share=settings.context_user_share,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from extproc.config import ConfigError, load_settings
+from extproc.config import ConfigError, Settings, load_settings
 from extproc.context import ContextManager, ContextSettings
 from extproc.context.manager import UserContextMessage
 from extproc.context.policy import Policies, route_of
@@ -252,3 +252,27 @@ def test_tool_exchange_drops_the_user_context_first() -> None:
     plan = cm.plan("s", req.body, req.model, (), req.new_messages, history, "", share, uc)
     assert plan.outcome == "fit" and plan.turns == history and plan.user_tokens == 0
     assert all(m is not uc.message for m in plan.system)
+
+
+def test_every_context_setting_reaches_the_context_manager(tmp_path: Path) -> None:
+    """`context_settings` maps each ContextSettings field from `context_<name>`: a setting
+    added to one side only fails here, not silently at run time."""
+    import dataclasses
+
+    from extproc.rewrite import context_settings
+
+    key = tmp_path / "summarizer.key"
+    key.write_text("k\n")
+    settings = Settings(
+        context_max_messages=7,
+        context_user_share=0.02,
+        context_summarizer_api_key_file=key,
+        context={"models": {"m": {"window": 1000}}},
+    )
+    mapped = context_settings(settings)
+    for item in dataclasses.fields(ContextSettings):
+        if item.name not in ("models", "summarizer_api_key_file"):
+            assert getattr(mapped, item.name) == getattr(settings, f"context_{item.name}")
+    assert (mapped.max_messages, mapped.user_share) == (7, 0.02)
+    assert mapped.summarizer_api_key_file == str(key)
+    assert mapped.models == {"m": {"window": 1000}}
